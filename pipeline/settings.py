@@ -1,0 +1,108 @@
+"""All configuration, read from the environment in one place.
+
+Nothing else in the package reads ``os.environ``; pass a :class:`Settings`
+around instead, so tests and ``journey up`` can build one explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.events import DEFAULT_CHANNELS
+
+EVENTS_TOPIC = "journey.events"
+REJECTED_TOPIC = "journey.events.rejected"
+TRANSITIONS_TOPIC = "journey.transitions"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message says which and how to fix it."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_url: str = "kafka://127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    clickhouse_dsn: str = "chdb:///var/lib/journey/chdb"
+    journeys_path: Path | None = None
+    web_port: int = 6066
+    web_host: str = "127.0.0.1"
+    channels: tuple[str, ...] = DEFAULT_CHANNELS
+    # Faust consumer group; all workers of one deployment share it.
+    app_id: str = "journey-tracker"
+    # One take() batch: up to this many events, or whatever arrived within batch_seconds.
+    batch_size: int = 1000
+    batch_seconds: float = 0.25
+    # How long an event id is remembered for duplicate detection (7 days: longer
+    # than any producer retry or replay window we expect).
+    dedupe_ttl_seconds: int = 7 * 24 * 3600
+    # Retry back-off cap for a service that is down; the agent blocks meanwhile
+    # (back-pressure), it never drops the batch.
+    retry_max_seconds: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        journeys = env.get("JOURNEY_JOURNEYS")
+        channels = env.get("JOURNEY_CHANNELS")
+        return cls(
+            kafka_url=env.get("JOURNEY_KAFKA_URL", cls.kafka_url),
+            redis_url=env.get("JOURNEY_REDIS_URL", cls.redis_url),
+            clickhouse_dsn=env.get("JOURNEY_CLICKHOUSE_DSN", cls.clickhouse_dsn),
+            journeys_path=Path(journeys) if journeys else None,
+            web_port=_int(env, "JOURNEY_WEB_PORT", cls.web_port),
+            web_host=env.get("JOURNEY_WEB_HOST", cls.web_host),
+            channels=tuple(c.strip() for c in channels.split(",") if c.strip())
+            if channels
+            else DEFAULT_CHANNELS,
+            app_id=env.get("JOURNEY_APP_ID", cls.app_id),
+            batch_size=_int(env, "JOURNEY_BATCH_SIZE", cls.batch_size),
+            batch_seconds=_float(env, "JOURNEY_BATCH_SECONDS", cls.batch_seconds),
+            dedupe_ttl_seconds=_int(env, "JOURNEY_DEDUPE_TTL_SECONDS", cls.dedupe_ttl_seconds),
+            retry_max_seconds=_float(env, "JOURNEY_RETRY_MAX_SECONDS", cls.retry_max_seconds),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes a child worker see these same settings."""
+        env = {
+            "JOURNEY_KAFKA_URL": self.kafka_url,
+            "JOURNEY_REDIS_URL": self.redis_url,
+            "JOURNEY_CLICKHOUSE_DSN": self.clickhouse_dsn,
+            "JOURNEY_WEB_PORT": str(self.web_port),
+            "JOURNEY_WEB_HOST": self.web_host,
+            "JOURNEY_CHANNELS": ",".join(self.channels),
+            "JOURNEY_APP_ID": self.app_id,
+            "JOURNEY_BATCH_SIZE": str(self.batch_size),
+            "JOURNEY_BATCH_SECONDS": str(self.batch_seconds),
+        }
+        if self.journeys_path is not None:
+            env["JOURNEY_JOURNEYS"] = str(self.journeys_path)
+        return env
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        """aiokafka wants ``host:port[,host:port]`` without Faust's scheme."""
+        return ",".join(part.split("://", 1)[-1] for part in self.kafka_url.split(","))

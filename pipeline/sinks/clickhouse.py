@@ -1,0 +1,210 @@
+"""ClickHouse sink: buffer rows with ``add_*``, write them with ``flush``.
+
+One code path for a ClickHouse server (``http://…``) and embedded chDB
+(``chdb:///path``): both are clickhouse-connect clients. chDB calls block, so
+every call runs on one dedicated thread, which also serialises access to the
+embedded engine. If ``flush`` fails it retries with back-off until it
+succeeds: the caller (the agent) waits, which stops consumption instead of
+dropping rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
+import orjson
+from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, wait_exponential
+
+from pipeline.events import Event, Rejection
+from pipeline.stages import Transition
+
+log = logging.getLogger(__name__)
+
+DDL_DIR = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse"
+
+EVENT_COLUMNS = (
+    "event_id",
+    "occurred_at",
+    "received_at",
+    "customer",
+    "customer_id",
+    "anonymous_id",
+    "channel",
+    "event_type",
+    "touchpoint",
+    "properties",
+    "source",
+    "schema_version",
+)
+TRANSITION_COLUMNS = (
+    "journey",
+    "customer",
+    "from_stage",
+    "to_stage",
+    "kind",
+    "channel",
+    "event_id",
+    "occurred_at",
+    "seconds_in_previous",
+)
+REJECTED_COLUMNS = ("received_at", "topic", "partition", "offset", "code", "reason", "raw")
+
+T = TypeVar("T")
+
+# What a down or refusing server raises; worth waiting for. Anything else (a
+# TypeError in our row building, say) is a bug and must not be retried forever.
+SERVICE_ERRORS: tuple[type[BaseException], ...] = (ClickHouseError, OSError)
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def event_row(event: Event, received_at: float) -> list[Any]:
+    return [
+        event.event_id,
+        event.occurred_at.astimezone(UTC),
+        _dt(received_at),
+        event.key,
+        event.customer_id or "",
+        event.anonymous_id or "",
+        event.channel,
+        event.event_type,
+        event.touchpoint or "",
+        orjson.dumps(dict(event.properties)).decode(),
+        event.source or "",
+        event.schema_version,
+    ]
+
+
+def transition_row(t: Transition) -> list[Any]:
+    return [
+        t.journey,
+        t.customer,
+        t.from_stage or "",
+        t.to_stage or "",
+        t.kind,
+        t.channel,
+        t.event_id,
+        _dt(t.occurred_at),
+        t.seconds_in_previous,
+    ]
+
+
+def rejected_row(
+    rejection: Rejection, topic: str, partition: int, offset: int, received_at: float
+) -> list[Any]:
+    raw = rejection.raw.decode("utf-8", errors="backslashreplace")
+    return [_dt(received_at), topic, partition, offset, rejection.code, rejection.reason, raw]
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a DDL file on ``;`` at line ends; our DDL has no semicolons in strings."""
+    body = "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
+    return [s.strip() for s in re.split(r";\s*(?:\n|$)", body) if s.strip()]
+
+
+class ClickHouseSink:
+    def __init__(self, dsn: str, retry_max_seconds: float = 30.0) -> None:
+        self.dsn = dsn
+        self.retry_max_seconds = retry_max_seconds
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self._client: Any = None
+        self.events: list[list[Any]] = []
+        self.transitions: list[list[Any]] = []
+        self.rejected: list[list[Any]] = []
+        self.on_error: Callable[[str, BaseException], None] | None = None
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            self._client = clickhouse_connect.get_client(dsn=self.dsn)
+        return self._client
+
+    def _migrate(self, ddl_dir: Path) -> list[str]:
+        client = self._connect()
+        applied = []
+        for path in sorted(ddl_dir.glob("*.sql")):
+            for statement in split_statements(path.read_text()):
+                client.command(statement)
+            applied.append(path.name)
+        return applied
+
+    async def start(self, ddl_dir: Path = DDL_DIR) -> None:
+        """Connect and apply every DDL file in order (they are idempotent)."""
+        applied = await self._retrying("migrate", self._migrate, ddl_dir)
+        log.info("ClickHouse ready at %s (DDL applied: %s)", self.dsn, ", ".join(applied))
+
+    async def _retrying(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential(multiplier=0.5, max=self.retry_max_seconds),
+            retry=retry_if_exception_type(SERVICE_ERRORS),
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    return await self._call(fn, *args)
+                except SERVICE_ERRORS as exc:
+                    if self.on_error is not None:
+                        self.on_error(what, exc)
+                    # A broken HTTP session or engine handle is rebuilt on the next try.
+                    self._client = None
+                    raise
+        raise AssertionError("unreachable")
+
+    def add_events(self, rows: Sequence[list[Any]]) -> None:
+        self.events.extend(rows)
+
+    def add_transitions(self, rows: Sequence[list[Any]]) -> None:
+        self.transitions.extend(rows)
+
+    def add_rejected(self, rows: Sequence[list[Any]]) -> None:
+        self.rejected.extend(rows)
+
+    def _insert_all(self, batches: list[tuple[str, Sequence[str], list[list[Any]]]]) -> None:
+        client = self._connect()
+        for table, columns, rows in batches:
+            if rows:
+                client.insert(table, rows, column_names=list(columns))
+
+    async def flush(self) -> None:
+        """Write everything buffered; retries until ClickHouse takes it."""
+        batches = [
+            ("journey.events", EVENT_COLUMNS, self.events),
+            ("journey.transitions", TRANSITION_COLUMNS, self.transitions),
+            ("journey.rejected_events", REJECTED_COLUMNS, self.rejected),
+        ]
+        if not any(rows for _, _, rows in batches):
+            return
+        self.events, self.transitions, self.rejected = [], [], []
+        await self._retrying("insert", self._insert_all, batches)
+
+    async def query(
+        self, sql: str, parameters: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        def run() -> list[tuple[Any, ...]]:
+            return list(self._connect().query(sql, parameters=parameters).result_rows)
+
+        return await self._retrying("query", run)
+
+    async def close(self) -> None:
+        def close_client() -> None:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+        await self._call(close_client)
+        self._executor.shutdown(wait=True)

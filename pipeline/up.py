@@ -1,0 +1,236 @@
+"""`journey up`: the embedded default, every part local, with a live funnel view.
+
+Starts Tansu (Kafka protocol, memory storage), redis-server and a worker that
+owns an embedded chDB, optionally the simulator, then redraws the funnel once
+a second from Redis (customers now per stage) and the worker's /metrics
+(entries per minute, rejected events). Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from pipeline.embedded import Service, create_topics, start_kafka, start_redis
+from pipeline.journeys import Journey
+from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
+from pipeline.simulate import Incident
+from pipeline.state.redis_store import RedisStore
+
+WINDOW_SECONDS = 60.0
+
+
+class Child:
+    """A `journey` subcommand run as a child process, its output in a log file."""
+
+    def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+    """Samples of a /metrics endpoint keyed by (name, sorted labels); None if unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def _sum(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **match: str
+) -> float:
+    total = 0.0
+    for (sample_name, labels), value in samples.items():
+        if sample_name == name and all(dict(labels).get(k) == v for k, v in match.items()):
+            total += value
+    return total
+
+
+def render(
+    journeys: Sequence[Journey],
+    customers: dict[tuple[str, str], int],
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] | None,
+    history: deque[tuple[float, dict[tuple[str, tuple[tuple[str, str], ...]], float]]],
+    channels: Sequence[str],
+    status: str,
+) -> Group:
+    parts: list[Panel | Table] = []
+    oldest = history[0] if history else None
+    for journey in journeys:
+        table = Table(title=f"journey {journey.name}: live funnel", title_justify="left")
+        table.add_column("stage")
+        table.add_column("customers now", justify="right")
+        table.add_column("", min_width=20)
+        table.add_column("entries/min", justify="right")
+        for c in channels:
+            table.add_column(c, justify="right")
+        peak = max([customers.get((journey.name, s.name), 0) for s in journey.stages] + [1])
+        for stage in journey.stages:
+            now = customers.get((journey.name, stage.name), 0)
+            bar = "█" * round(20 * now / peak)
+            per_channel = []
+            total_rate = 0.0
+            for c in channels:
+                rate = 0.0
+                if samples is not None and oldest is not None:
+                    span = max(1.0, time.monotonic() - oldest[0])
+                    name = "journey_stage_entries_total"
+                    labels = {"journey": journey.name, "stage": stage.name, "channel": c}
+                    rate = (
+                        (_sum(samples, name, **labels) - _sum(oldest[1], name, **labels))
+                        * 60.0
+                        / span
+                    )
+                total_rate += rate
+                per_channel.append(f"{rate:.0f}")
+            table.add_row(stage.name, str(now), bar, f"{total_rate:.0f}", *per_channel)
+        parts.append(table)
+    if samples is not None:
+        accepted = _sum(samples, "journey_events_total", outcome="accepted")
+        rejected = _sum(samples, "journey_events_total", outcome="rejected")
+        duplicate = _sum(samples, "journey_events_total", outcome="duplicate")
+        parts.append(
+            Panel(
+                f"events accepted {accepted:.0f}   duplicates {duplicate:.0f}   "
+                f"rejected {rejected:.0f} (see journey.events.rejected)\n{status}",
+                title="pipeline",
+            )
+        )
+    else:
+        parts.append(Panel(status, title="pipeline"))
+    return Group(*parts)
+
+
+def run_up(
+    data_dir: Path,
+    journeys: tuple[Journey, ...],
+    with_simulator: bool,
+    rate: float,
+    incidents: Sequence[Incident],
+    web_port: int,
+    partitions: int,
+    console: Console,
+) -> None:
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    services: list[Service] = []
+    children: list[Child] = []
+    try:
+        with console.status("starting the Kafka-compatible broker (Tansu)…"):
+            services.append(start_kafka(log_dir=log_dir))
+        kafka = services[-1]
+        with console.status("starting redis-server…"):
+            services.append(start_redis(data_dir=data_dir / "redis", appendonly=True))
+        redis_service = services[-1]
+        create_topics(
+            kafka.url, {EVENTS_TOPIC: partitions, REJECTED_TOPIC: 1, TRANSITIONS_TOPIC: partitions}
+        )
+        base = Settings.from_env()
+        settings = Settings(
+            kafka_url=kafka.url,
+            redis_url=redis_service.url,
+            clickhouse_dsn=f"chdb://{data_dir / 'chdb'}",
+            journeys_path=base.journeys_path,
+            web_port=web_port,
+            channels=base.channels,
+        )
+        env = settings.to_env()
+        children.append(Child("worker", ["worker", "--loglevel", "warning"], env, log_dir))
+        if with_simulator:
+            args = ["simulate", "--rate", str(rate)]
+            for i in incidents:
+                args += ["--incident", f"{i.channel}:{i.stage}:{i.failure_rate}@{i.start_after}s"]
+            children.append(Child("simulate", args, env, log_dir))
+        console.print(
+            f"broker {kafka.url}  redis {redis_service.url}  chDB {data_dir / 'chdb'}\n"
+            f"metrics http://127.0.0.1:{web_port}/metrics  logs {log_dir}\n"
+            "The worker joins its consumer group first (15–35 s on Tansu). Ctrl-C stops all."
+        )
+        asyncio.run(_live(journeys, settings, children, console))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping…")
+        for child in reversed(children):
+            child.stop()
+        for service in reversed(services):
+            service.stop()
+        console.print(
+            f"stopped. Data kept in {data_dir}: ClickHouse (chDB) in {data_dir / 'chdb'}, Redis "
+            f"in {data_dir / 'redis'}, logs in {log_dir}. Kafka (Tansu) kept its data in memory "
+            f"only. Query history with: JOURNEY_CLICKHOUSE_DSN=chdb://{data_dir / 'chdb'} "
+            "journey report"
+        )
+
+
+async def _live(
+    journeys: tuple[Journey, ...], settings: Settings, children: list[Child], console: Console
+) -> None:
+    store = RedisStore(settings.redis_url, settings.dedupe_ttl_seconds)
+    metrics_url = f"http://127.0.0.1:{settings.web_port}/metrics"
+    history: deque[tuple[float, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = deque()
+    started = time.monotonic()
+    try:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            while True:
+                for child in children:
+                    if child.process.poll() is not None:
+                        raise RuntimeError(
+                            f"{child.name} exited with code {child.process.returncode}; "
+                            f"see {child.log_path}"
+                        )
+                customers = await store.all_stage_customers()
+                samples = await asyncio.to_thread(scrape, metrics_url)
+                now = time.monotonic()
+                if samples is not None:
+                    history.append((now, samples))
+                    while history and now - history[0][0] > WINDOW_SECONDS:
+                        history.popleft()
+                status = (
+                    f"up {now - started:.0f} s"
+                    if samples is not None
+                    else f"waiting for the worker ({now - started:.0f} s)…"
+                )
+                live.update(
+                    render(journeys, customers, samples, history, settings.channels, status)
+                )
+                await asyncio.sleep(1.0)
+    finally:
+        await store.close()

@@ -1,0 +1,210 @@
+"""The Faust app: wires the Kafka topics, the batch processor and the web endpoints.
+
+Values are read as raw bytes (never Faust's JSON serializer) so that any
+payload reaches the validator and, if bad, the dead-letter path. Agent
+concurrency stays 1: above that Faust can commit an offset past an event still
+in flight (faust-streaming #606).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import orjson
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pipeline.events import Validator
+from pipeline.journeys import Journey, load_journeys
+from pipeline.metrics import Metrics
+from pipeline.processor import BatchProcessor, RawMessage, rejected_message, transition_message
+from pipeline.report import funnel
+from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
+from pipeline.sinks.clickhouse import ClickHouseSink
+from pipeline.state.redis_store import RedisStore
+
+log = logging.getLogger(__name__)
+
+GAUGE_REFRESH_SECONDS = 2.0
+
+
+class Runtime:
+    """The adapters of one worker process, started once before the first batch."""
+
+    def __init__(self, settings: Settings, journeys: tuple[Journey, ...]) -> None:
+        self.settings = settings
+        self.journeys = journeys
+        self.metrics = Metrics(self.stage_labels)
+        self.store = RedisStore(settings.redis_url, settings.dedupe_ttl_seconds)
+        self.sink = ClickHouseSink(settings.clickhouse_dsn, settings.retry_max_seconds)
+        self.sink.on_error = lambda op, exc: self._sink_error("clickhouse", op, exc)
+        self.processor = BatchProcessor(
+            Validator(settings.channels),
+            journeys,
+            self.store,
+            self.sink,
+            self.metrics,
+            settings.retry_max_seconds,
+        )
+        self.ready = asyncio.Event()
+        self._starting = asyncio.Lock()
+        self.last_batch_at: float | None = None
+
+    def stage_labels(self) -> Iterator[tuple[str, str]]:
+        for journey in self.journeys:
+            for stage in journey.stages:
+                yield journey.name, stage.name
+
+    def _sink_error(self, sink: str, op: str, exc: BaseException) -> None:
+        self.metrics.sink_errors.labels(sink, op).inc()
+        log.warning("%s %s failed (%s: %s); retrying", sink, op, type(exc).__name__, exc)
+
+    async def start(self) -> None:
+        async with self._starting:
+            if self.ready.is_set():
+                return
+            while True:
+                try:
+                    await self.store.ping()
+                    break
+                except Exception as exc:  # Redis not up yet: wait, do not consume.
+                    self._sink_error("redis", "ping", exc)
+                    await asyncio.sleep(1.0)
+            await self.sink.start()
+            self.ready.set()
+            log.info(
+                "worker ready: journeys %s, Redis %s, ClickHouse %s",
+                ", ".join(j.name for j in self.journeys),
+                self.settings.redis_url,
+                self.settings.clickhouse_dsn,
+            )
+
+
+def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) -> faust.App:
+    journeys = journeys if journeys is not None else load_journeys(settings.journeys_path)
+    runtime = Runtime(settings, journeys)
+    app = faust.App(
+        settings.app_id,
+        broker=settings.kafka_url,
+        store="memory://",
+        web_port=settings.web_port,
+        web_host=settings.web_host,
+        web_bind=settings.web_host,
+        consumer_auto_offset_reset="earliest",
+        topic_disable_leader=True,
+        producer_acks=-1,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    app.runtime = runtime  # type: ignore[attr-defined]
+    events = app.topic(EVENTS_TOPIC, key_serializer="raw", value_serializer="raw")
+    rejected = app.topic(REJECTED_TOPIC, key_serializer="raw", value_serializer="raw")
+    transitions = app.topic(TRANSITIONS_TOPIC, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(events, concurrency=1)
+    async def process(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        await runtime.start()
+        batches = stream.take_events(  # type: ignore[attr-defined]
+            settings.batch_size, within=settings.batch_seconds
+        )
+        async for batch in batches:
+            messages = [
+                RawMessage(
+                    e.message.topic, e.message.partition, e.message.offset, e.message.value or b""
+                )
+                for e in batch
+            ]
+            try:
+                result = await runtime.processor.process(messages)
+            except Exception:
+                # Adapters retry service errors themselves, so this is a bug. Faust
+                # would ack the batch if the agent raised; exiting at once instead
+                # leaves the offsets uncommitted, and a restart replays the batch.
+                log.exception(
+                    "batch of %d events (partition %s, from offset %s) failed; exiting so "
+                    "that nothing is acknowledged. Restart the worker once fixed.",
+                    len(messages),
+                    messages[0].partition,
+                    messages[0].offset,
+                )
+                logging.shutdown()
+                os._exit(70)
+            received_at = time.time()
+            for t in result.transitions:
+                await transitions.send(key=t.customer.encode(), value=transition_message(t))
+            for message, rejection in result.rejected:
+                await rejected.send(value=rejected_message(message, rejection, received_at))
+            runtime.last_batch_at = received_at
+            await refresh_gauges()
+            yield None
+
+    async def refresh_gauges() -> None:
+        owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS_TOPIC}
+        runtime.metrics.stage_customers.snapshot = await runtime.store.stage_customers(owned)
+
+    @app.timer(GAUGE_REFRESH_SECONDS)  # type: ignore[untyped-decorator]
+    async def refresh_timer() -> None:
+        if runtime.ready.is_set():
+            try:
+                await refresh_gauges()
+            except Exception as exc:
+                runtime._sink_error("redis", "stage_customers", exc)
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        async def get(self, request: Request) -> Response:
+            body = generate_latest(runtime.metrics.registry)
+            # aiohttp refuses a charset inside content_type=, so pass the header whole.
+            return self.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @app.page("/healthz")
+    class HealthView(View):
+        async def get(self, request: Request) -> Response:
+            body: dict[str, Any] = {
+                "status": "ok" if runtime.ready.is_set() else "starting",
+                "journeys": [j.name for j in runtime.journeys],
+                "last_batch_at": runtime.last_batch_at,
+            }
+            return self.json(body, status=200 if runtime.ready.is_set() else 503)
+
+    @app.page("/report")
+    class ReportView(View):
+        """Answers `journey report` while this worker holds an embedded chDB."""
+
+        async def get(self, request: Request) -> Response:
+            until = _parse_time(request.query.get("until"), time.time() + 86400)
+            since = _parse_time(request.query.get("since"), until.timestamp() - 31 * 86400)
+
+            def run() -> list[dict[str, Any]]:
+                client = runtime.sink._connect()
+
+                def query(sql: str, parameters: dict[str, Any]) -> list[Any]:
+                    return list(client.query(sql, parameters=parameters).result_rows)
+
+                return [funnel(query, j, since, until).to_dict() for j in runtime.journeys]
+
+            body = await runtime.sink._call(run)
+            return self.bytes(orjson.dumps(body), content_type="application/json")
+
+    return app
+
+
+def _parse_time(raw: str | None, default: float) -> datetime:
+    if raw:
+        return datetime.fromisoformat(raw)
+    return datetime.fromtimestamp(default, UTC)
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    """Run until SIGTERM/SIGINT; Faust handles the signals and commits offsets."""
+    app = create_app(settings)
+    # The web port comes from the App's settings (web_port/web_bind above).
+    worker = faust.Worker(app, loglevel=loglevel)
+    worker.execute_from_commandline()
