@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import clickhouse_connect
-from clickhouse_connect.driver.exceptions import ClickHouseError
 import orjson
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, wait_exponential
 
 from pipeline.events import Event, Rejection
