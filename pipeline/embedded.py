@@ -113,7 +113,7 @@ class Service:
         self.stop()
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn asking Linux to SIGTERM the child when its parent dies.
 
     PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
@@ -144,7 +144,10 @@ def _spawn(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            preexec_fn=_die_with_parent(),
+            # Own session, so a terminal's Ctrl-C reaches only our process, which
+            # stops services after the worker has finished with them.
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
     return process, log_path
 

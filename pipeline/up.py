@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from pipeline.embedded import Service, create_topics, start_kafka, start_redis
+from pipeline.embedded import Service, create_topics, die_with_parent, start_kafka, start_redis
 from pipeline.journeys import Journey
 from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 from pipeline.simulate import Incident
@@ -46,6 +46,11 @@ class Child:
             env={**os.environ, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Own session: Ctrl-C reaches only `journey up`, which stops the children
+            # in order (simulator, then worker); they still die if it is killed.
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
 
     def stop(self, timeout: float = 20.0) -> None:
