@@ -137,7 +137,19 @@ def simulate(
 
 
 @cli.command()
-@click.option("--days", default=30.0, show_default=True, help="Period: the last N days.")
+@click.option(
+    "--since",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    default=None,
+    help="Start of the period in event time, UTC (default: the beginning).",
+)
+@click.option(
+    "--until",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    default=None,
+    help="End of the period (exclusive), UTC (default: no end).",
+)
+@click.option("--days", type=float, default=None, help="Period: the last N days (event time).")
 @click.option(
     "--worker-url",
     default=None,
@@ -145,13 +157,21 @@ def simulate(
     "with embedded chDB while a worker holds it; tried automatically on JOURNEY_WEB_PORT.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def report(days: float, worker_url: str | None, as_json: bool) -> None:
-    """Funnel by stage and channel from ClickHouse."""
-    from pipeline.report import Funnel, StageRow, render
+def report(
+    since: datetime | None,
+    until: datetime | None,
+    days: float | None,
+    worker_url: str | None,
+    as_json: bool,
+) -> None:
+    """Funnel by stage and channel from ClickHouse, over all history by default."""
+    from pipeline.report import REPORT_END, REPORT_START, Funnel, StageRow, render
 
     settings = _settings()
-    until = datetime.now(UTC) + timedelta(days=1)
-    since = until - timedelta(days=days + 1)
+    until = until.replace(tzinfo=UTC) if until else REPORT_END
+    if days is not None:
+        since = datetime.now(UTC) - timedelta(days=days)
+    since = since.replace(tzinfo=UTC) if since else REPORT_START
     if worker_url is None and settings.clickhouse_dsn.startswith("chdb:"):
         candidate = f"http://127.0.0.1:{settings.web_port}"
         if _worker_alive(candidate):

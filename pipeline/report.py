@@ -11,13 +11,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.journeys import Journey
+
+# "All of history": the bounds of ClickHouse's DateTime64.
+REPORT_START = datetime(1970, 1, 1, tzinfo=UTC)
+REPORT_END = datetime(2299, 12, 31, tzinfo=UTC)
 
 ENTRY_KINDS = ["entered", "advanced", "regressed", "reengaged"]
 

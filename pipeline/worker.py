@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import faust
@@ -25,7 +25,7 @@ from pipeline.events import Validator
 from pipeline.journeys import Journey, load_journeys
 from pipeline.metrics import Metrics
 from pipeline.processor import BatchProcessor, RawMessage, rejected_message, transition_message
-from pipeline.report import funnel
+from pipeline.report import REPORT_END, REPORT_START, funnel
 from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 from pipeline.sinks.clickhouse import ClickHouseSink
 from pipeline.state.redis_store import RedisStore
@@ -179,8 +179,8 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
         """Answers `journey report` while this worker holds an embedded chDB."""
 
         async def get(self, request: Request) -> Response:
-            until = _parse_time(request.query.get("until"), time.time() + 86400)
-            since = _parse_time(request.query.get("since"), until.timestamp() - 31 * 86400)
+            until = _parse_time(request.query.get("until"), REPORT_END)
+            since = _parse_time(request.query.get("since"), REPORT_START)
 
             def run() -> list[dict[str, Any]]:
                 client = runtime.sink._connect()
@@ -196,10 +196,8 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
     return app
 
 
-def _parse_time(raw: str | None, default: float) -> datetime:
-    if raw:
-        return datetime.fromisoformat(raw)
-    return datetime.fromtimestamp(default, UTC)
+def _parse_time(raw: str | None, default: datetime) -> datetime:
+    return datetime.fromisoformat(raw) if raw else default
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

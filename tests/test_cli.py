@@ -1,0 +1,57 @@
+"""The `journey` command's help and its errors for bad input (no services needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+
+def test_help_lists_every_command() -> None:
+    """`journey --help` names the five commands of the design."""
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ["up", "worker", "simulate", "send", "report"]:
+        assert f"  {command}" in result.output
+
+
+def test_worker_refuses_a_bad_journey_file(tmp_path: Path) -> None:
+    """A bad journey file stops start-up with the file, the line and the problem."""
+    bad = tmp_path / "journeys.yaml"
+    bad.write_text(
+        "journeys:\n"
+        "  - name: retail\n"
+        "    stages:\n"
+        "      - name: awareness\n"
+        "        events: [page_view]\n"
+        "        max_dwell: 7 days\n"
+        "      - name: purchase\n"
+        "        events: [order_completed]\n"
+    )
+    result = CliRunner().invoke(cli, ["worker"], env={"JOURNEY_JOURNEYS": str(bad)})
+    assert result.exit_code == 1
+    assert "journeys.yaml, line 6" in result.output
+    assert "max_dwell" in result.output
+
+
+def test_worker_refuses_a_malformed_setting() -> None:
+    """A non-numeric port is named with the variable that holds it."""
+    result = CliRunner().invoke(cli, ["worker"], env={"JOURNEY_WEB_PORT": "sixty"})
+    assert result.exit_code == 1
+    assert "JOURNEY_WEB_PORT='sixty' is not an integer" in result.output
+
+
+def test_simulate_refuses_a_bad_incident() -> None:
+    """A malformed --incident is a usage error, not a traceback."""
+    result = CliRunner().invoke(cli, ["simulate", "--incident", "app:nowhere"])
+    assert result.exit_code == 2
+    assert "--incident" in result.output
+
+
+def test_send_needs_an_existing_file(tmp_path: Path) -> None:
+    """A missing file is reported by name."""
+    result = CliRunner().invoke(cli, ["send", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2
+    assert "missing.jsonl" in result.output
