@@ -115,7 +115,9 @@ def _progress() -> Progress:
 )
 @click.option("--seed", default=None, type=int, help="Random seed, for reproducible traffic.")
 @click.option(
-    "--fast", is_flag=True, help="Do not pace to the wall clock; event time still advances."
+    "--fast",
+    is_flag=True,
+    help="Send as fast as possible; event time then covers the DURATION that ends now.",
 )
 def simulate(
     rate: float, duration: float | None, incidents: tuple[str, ...], seed: int | None, fast: bool
@@ -128,6 +130,8 @@ def simulate(
         parsed = [parse_incident(i) for i in incidents]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--incident") from exc
+    if fast and duration is None:
+        raise click.UsageError("--fast needs --duration: the period of event time to fill")
     sent = asyncio.run(
         run_simulation(
             settings.kafka_url, EVENTS_TOPIC, rate, duration, parsed, seed, realtime=not fast

@@ -487,12 +487,16 @@ async def run_simulation(
 ) -> int:
     """Produce simulated events to Kafka, keyed by customer; return how many were sent.
 
-    Event time starts now. With `realtime`, each event is sent when the wall
-    clock reaches its event time (live traffic); otherwise as fast as the broker
-    takes them, event time still advancing at the simulated pace.
+    With `realtime`, event time starts now and each event is sent when the
+    wall clock reaches its event time (live traffic). Otherwise events go as
+    fast as the broker takes them and event time covers the `duration` that
+    ends now, so a fast run is history, never events from the future (which
+    the validator rejects).
     """
+    if not realtime and duration is None:
+        raise ValueError("a run that is not paced to the clock needs a duration")
     rng = random.Random(seed)
-    start = time.time()
+    start = time.time() - (0.0 if realtime or duration is None else duration)
     incs = tuple(incidents)
     loop = asyncio.get_running_loop()
     t0 = loop.time()

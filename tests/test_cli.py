@@ -55,3 +55,10 @@ def test_send_needs_an_existing_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["send", str(tmp_path / "missing.jsonl")])
     assert result.exit_code == 2
     assert "missing.jsonl" in result.output
+
+
+def test_fast_simulation_needs_a_duration() -> None:
+    """Unpaced traffic without a duration would run into the future; it is refused."""
+    result = CliRunner().invoke(cli, ["simulate", "--fast"])
+    assert result.exit_code == 2
+    assert "--fast needs --duration" in result.output
