@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -95,6 +95,11 @@ class Metrics:
         self.cas_conflicts = Counter(
             "journey_state_conflicts",
             "Customers whose Redis state changed under us and were recomputed",
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "journey_assigned_partitions",
+            "Partitions of journey.events this worker owns now",
             registry=r,
         )
         self.stage_customers = StageCustomersCollector(stages)

@@ -147,6 +147,7 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
 
     async def refresh_gauges() -> None:
         owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS_TOPIC}
+        runtime.metrics.assigned_partitions.set(len(owned))
         runtime.metrics.stage_customers.snapshot = await runtime.store.stage_customers(owned)
 
     @app.timer(GAUGE_REFRESH_SECONDS)  # type: ignore[untyped-decorator]

@@ -8,13 +8,7 @@ expectations below say.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,14 +18,13 @@ import clickhouse_connect
 import orjson
 import pytest
 import redis
-from aiokafka import AIOKafkaConsumer
-from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.embedded import Service, create_topics, free_port, start_kafka
 from pipeline.events import Event, Validator
 from pipeline.journeys import default_journeys
 from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 from pipeline.stages import replay
+from tests.integration.workers import WorkerProcess, consume_all, journey, total, wait_until
 
 pytestmark = pytest.mark.services
 
@@ -154,50 +147,6 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         service.stop()
 
 
-def metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def total(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    return sum(
-        v
-        for (n, ls), v in samples.items()
-        if n == name and all((k, val) in ls for k, val in labels.items())
-    )
-
-
-def consume_all(url: str, topic: str, expected: int, timeout: float = 90) -> list[bytes]:
-    async def run() -> list[bytes]:
-        consumer = AIOKafkaConsumer(
-            topic,
-            bootstrap_servers=url.split("://", 1)[1],
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            group_id=None,
-        )
-        await consumer.start()
-        values: list[bytes] = []
-        deadline = time.monotonic() + timeout
-        try:
-            while len(values) < expected and time.monotonic() < deadline:
-                batches = await consumer.getmany(timeout_ms=1000)
-                for records in batches.values():
-                    values.extend(r.value for r in records if r.value is not None)
-        finally:
-            await consumer.stop()
-        return values
-
-    return asyncio.run(run())
-
-
 def test_known_events_end_to_end(
     kafka: Service, redis_service: Service, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
@@ -224,39 +173,19 @@ def test_known_events_end_to_end(
         web_port=port,
         batch_seconds=0.1,
     )
-    env = {**os.environ, **settings.to_env()}
-    sent = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "send", str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    sent = journey(settings, "send", str(path))
     assert sent.returncode == 0, sent.stderr
     assert f"sent {len(lines)} of {len(lines)} lines" in sent.stderr
 
-    log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "info"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
-        # Group joins on Tansu take 15–35 s: wait for the work to be done, not a fixed time.
-        deadline = time.monotonic() + 180
-        samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-        while time.monotonic() < deadline:
-            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
-            try:
-                samples = metrics(port)
-            except OSError:
-                samples = {}
-            if total(samples, "journey_events_total") >= len(lines):
-                break
-            time.sleep(0.5)
-        time.sleep(2.5)  # one gauge refresh period, and anything that would over-count
-        samples = metrics(port)
+        wait_until(
+            lambda: total(worker.metrics(), "journey_events_total") >= len(lines),
+            timeout=180,
+            what="the worker to process every line",
+        )
+        time.sleep(2.5)  # one gauge refresh period, and time for anything that would over-count
+        samples = worker.metrics()
 
         assert total(samples, "journey_events_total", outcome="accepted") == accepted
         assert total(samples, "journey_events_total", outcome="duplicate") == duplicates
@@ -303,13 +232,7 @@ def test_known_events_end_to_end(
         published = consume_all(kafka.url, TRANSITIONS_TOPIC, len(transitions))
         assert len(published) == len(transitions)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        log.close()
+        worker.stop()
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{chdb}")
     try:

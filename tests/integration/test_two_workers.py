@@ -1,0 +1,94 @@
+"""Two workers in one consumer group: the population gauge adds up, never doubles."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline.embedded import Service, create_topics, free_port, start_kafka
+from pipeline.events import Event, Validator
+from pipeline.journeys import default_journeys
+from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
+from pipeline.simulate import generate
+from pipeline.stages import replay
+from tests.integration.workers import WorkerProcess, journey, total, wait_until
+
+pytestmark = pytest.mark.services
+
+PARTITIONS = 4
+
+
+@pytest.fixture(scope="module")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    service = start_kafka(log_dir=tmp_path_factory.mktemp("kafka"))
+    try:
+        create_topics(
+            service.url,
+            {EVENTS_TOPIC: PARTITIONS, REJECTED_TOPIC: 1, TRANSITIONS_TOPIC: PARTITIONS},
+        )
+        yield service
+    finally:
+        service.stop()
+
+
+def test_stage_customers_summed_over_workers_counts_everyone_once(
+    kafka: Service, redis_service: Service, redis_client: object, tmp_path: Path
+) -> None:
+    """Each worker exports only its partitions' customers; the sum is the whole population."""
+    start = time.time() - 3600
+    events = [orjson.dumps(e) for e in generate(random.Random(3), start, 100.0, 30.0)]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(events) + b"\n")
+    validator = Validator()
+    good = [d for d in (validator.decode(e) for e in events) if isinstance(d, Event)]
+    profiles, _, _ = replay(good, default_journeys())
+    expected = Counter(
+        p.stage for prof in profiles.values() for p in prof.positions.values() if p.stage
+    )
+    assert sum(expected.values()) > 100
+
+    workers = [
+        WorkerProcess(
+            Settings(
+                kafka_url=kafka.url,
+                redis_url=redis_service.url,
+                clickhouse_dsn=f"chdb://{tmp_path / f'chdb{i}'}",  # chDB: one owner per dir
+                web_port=free_port(),
+                batch_seconds=0.1,
+            ),
+            tmp_path / f"worker{i}.log",
+        )
+        for i in range(2)
+    ]
+    try:
+
+        def both_own_partitions() -> bool:
+            owned = [total(w.metrics(), "journey_assigned_partitions") for w in workers]
+            return all(n > 0 for n in owned) and sum(owned) == PARTITIONS
+
+        wait_until(both_own_partitions, timeout=240, what="both workers to own partitions")
+        sent = journey(workers[0].settings, "send", str(path))
+        assert sent.returncode == 0, sent.stderr
+
+        def all_processed() -> bool:
+            return sum(total(w.metrics(), "journey_events_total") for w in workers) >= len(events)
+
+        wait_until(all_processed, timeout=240, what="the workers to process every event")
+        time.sleep(2.5)  # one gauge refresh period
+        samples = [w.metrics() for w in workers]
+        for stage in default_journeys()[0].stage_names:
+            per_worker = [
+                total(s, "journey_stage_customers", journey="retail", stage=stage) for s in samples
+            ]
+            assert sum(per_worker) == expected.get(stage, 0), (stage, per_worker)
+        # Both did real work: neither exports the whole population alone.
+        assert all(total(s, "journey_events_total", outcome="accepted") > 0 for s in samples)
+    finally:
+        for w in workers:
+            w.stop()

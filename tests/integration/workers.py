@@ -1,0 +1,118 @@
+"""Helpers for tests that run `journey` commands as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.settings import Settings
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def journey(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a `journey` subcommand to completion with these settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env={**os.environ, **settings.to_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+class WorkerProcess:
+    """`journey worker` in a child process, logging to a file."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "info"],
+            env={**os.environ, **settings.to_env()},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def metrics(self) -> Samples:
+        """The worker's /metrics now; empty while its web server is not up yet."""
+        assert self.process.poll() is None, self.log_tail()
+        url = f"http://127.0.0.1:{self.settings.web_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def stop(self) -> None:
+        """SIGTERM and wait: Faust commits offsets and chDB releases its directory."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    return sum(
+        v
+        for (n, ls), v in samples.items()
+        if n == name and all((k, val) in ls for k, val in labels.items())
+    )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll: group joins on Tansu take 15–35 s, so never sleep a fixed time instead."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def consume_all(url: str, topic: str, expected: int, timeout: float = 90) -> list[bytes]:
+    """Read a topic from the start until ``expected`` records arrived (or the timeout)."""
+
+    async def run() -> list[bytes]:
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=url.split("://", 1)[1],
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+        )
+        await consumer.start()
+        values: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while len(values) < expected and time.monotonic() < deadline:
+                batches = await consumer.getmany(timeout_ms=1000)
+                for records in batches.values():
+                    values.extend(r.value for r in records if r.value is not None)
+        finally:
+            await consumer.stop()
+        return values
+
+    return asyncio.run(run())
