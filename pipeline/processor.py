@@ -81,17 +81,19 @@ def compute(
     journeys: Sequence[Journey],
     partition: int,
 ) -> _Computed:
-    """Pure: apply one customer's events of this batch to their stored profile."""
+    """Pure: apply one customer's events of this batch to their stored profile.
+
+    ``events`` hold no id twice (the batch is deduplicated first); ``seen`` are
+    the ids Redis already marked.
+    """
     profile = loaded.profile
     fresh: list[Event] = []
     duplicates: list[Event] = []
     transitions: list[Transition] = []
-    seen = set(seen)
     for event in events:
         if event.event_id in seen:
             duplicates.append(event)
             continue
-        seen.add(event.event_id)
         profile, moved = apply_event(profile, event, journeys)
         transitions.extend(moved)
         fresh.append(event)
@@ -129,11 +131,18 @@ class BatchProcessor:
         result = BatchResult()
         by_customer: dict[str, list[Event]] = defaultdict(list)
         partition_of: dict[str, int] = {}
+        in_batch: set[str] = set()
+        repeated: list[Event] = []
         for message in messages:
             decoded = self.validator.decode(message.value, now=now)
             if isinstance(decoded, Rejection):
                 result.rejected.append((message, decoded))
+            elif decoded.event_id in in_batch:
+                # A repeat within the batch, whichever customer it names, is a
+                # duplicate of the first in arrival order, as in stages.replay.
+                repeated.append(decoded)
             else:
+                in_batch.add(decoded.event_id)
                 by_customer[decoded.key].append(decoded)
                 partition_of[decoded.key] = message.partition
         decoded_at = time.monotonic()
@@ -151,7 +160,7 @@ class BatchProcessor:
         await self.sink.flush()
         flushed_at = time.monotonic()
 
-        self._count(computed, result)
+        self._count(computed, repeated, result)
         m = self.metrics
         m.batch_size.observe(len(messages))
         m.batch_seconds.labels("decode").observe(decoded_at - started)
@@ -168,12 +177,9 @@ class BatchProcessor:
         pending = dict(by_customer)
         while pending:
             wanted = {c: [e.event_id for e in evs] for c, evs in pending.items()}
-            loaded, seen_marks = await self._retrying("load", self.store.load, wanted)
-            seen_by: dict[str, set[str]] = defaultdict(set)
-            for customer, event_id in seen_marks:
-                seen_by[customer].add(event_id)
+            loaded, seen = await self._retrying("load", self.store.load, wanted)
             batch = [
-                compute(loaded[c], evs, seen_by[c], self.journeys, partition_of[c])
+                compute(loaded[c], evs, seen, self.journeys, partition_of[c])
                 for c, evs in pending.items()
             ]
             updates = [b.update for b in batch if b.events]
@@ -201,9 +207,12 @@ class BatchProcessor:
                     raise
         raise AssertionError("unreachable")
 
-    def _count(self, computed: list[_Computed], result: BatchResult) -> None:
+    def _count(self, computed: list[_Computed], repeated: list[Event], result: BatchResult) -> None:
         m = self.metrics
         now = time.time()
+        for e in repeated:
+            m.event(e.channel, "duplicate")
+        result.duplicates += len(repeated)
         for c in computed:
             for e in c.events:
                 m.event(e.channel, "accepted")

@@ -7,11 +7,14 @@ Python between the two while per-customer updates stay atomic even if two
 workers briefly process the same customer (during a rebalance): a customer
 whose version moved is reported back, re-read and recomputed.
 
-Key layout (every per-customer key hash-tagged on the customer, so a future
-Redis Cluster keeps one customer's keys in one slot):
+Key layout (the profile hash-tagged on the customer, so a future Redis
+Cluster keeps one customer's keys in one slot):
 
 - ``jt:{<customer>}:p``            hash ``v`` (version), ``d`` (profile JSON)
-- ``jt:{<customer>}:e:<event_id>`` duplicate mark, expires after the dedupe TTL
+- ``jt:e:<event_id>``               duplicate mark, expires after the dedupe TTL.
+  Event ids are unique across customers (DESIGN: the idempotency key), so the
+  mark is global, not per customer; under Redis Cluster this key would sit in
+  another slot than the profile, which the script does not support yet.
 - ``jt:stage_customers:<partition>`` hash ``<journey>\\x1f<stage>`` → customers now
   there, per Kafka partition, so each worker can export exactly the partitions
   it owns and the sum over workers is the total.
@@ -31,7 +34,9 @@ from pipeline.stages import Profile
 FIELD_SEP = "\x1f"
 
 # KEYS: every key touched. ARGV[1]: JSON plan (indexes into KEYS), ARGV[2]: mark TTL.
-# Returns the plan indexes of profiles whose version had moved (nothing written for them).
+# Returns the plan indexes of customers that raced: their version had moved, or
+# one of their events was marked meanwhile (by another customer's batch with
+# the same event id). Nothing is written for those; the caller re-reads them.
 CAS_APPLY = """
 local plan = cjson.decode(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -39,7 +44,13 @@ local conflicts = {}
 for i, item in ipairs(plan) do
   local key = KEYS[item.k]
   local current = tonumber(redis.call('HGET', key, 'v') or '0')
-  if current ~= item.v then
+  local clean = current == item.v
+  for _, m in ipairs(item.m) do
+    if clean and redis.call('EXISTS', KEYS[m]) == 1 then
+      clean = false
+    end
+  end
+  if not clean then
     table.insert(conflicts, i)
   else
     redis.call('HSET', key, 'v', item.v + 1, 'd', item.d)
@@ -59,8 +70,8 @@ def profile_key(customer: str) -> str:
     return f"jt:{{{customer}}}:p"
 
 
-def mark_key(customer: str, event_id: str) -> str:
-    return f"jt:{{{customer}}}:e:{event_id}"
+def mark_key(event_id: str) -> str:
+    return f"jt:e:{event_id}"
 
 
 def counts_key(partition: int) -> str:
@@ -99,9 +110,7 @@ class RedisStore:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
-    async def load(
-        self, wanted: Mapping[str, Sequence[str]]
-    ) -> tuple[dict[str, Loaded], set[tuple[str, str]]]:
+    async def load(self, wanted: Mapping[str, Sequence[str]]) -> tuple[dict[str, Loaded], set[str]]:
         """Profiles of ``wanted``'s customers and which of their event ids were seen.
 
         ``wanted`` maps customer → event ids in the batch. One round trip.
@@ -110,9 +119,9 @@ class RedisStore:
         pipe = self.redis.pipeline(transaction=False)
         for customer in customers:
             pipe.hmget(profile_key(customer), "v", "d")
-        marks = [(c, e) for c in customers for e in wanted[c]]
-        for customer, event_id in marks:
-            pipe.exists(mark_key(customer, event_id))
+        marks = [e for c in customers for e in wanted[c]]
+        for event_id in marks:
+            pipe.exists(mark_key(event_id))
         results = await pipe.execute()
         loaded: dict[str, Loaded] = {}
         for customer, (version, data) in zip(customers, results, strict=False):
@@ -145,7 +154,7 @@ class RedisStore:
                     "k": k(profile_key(u.customer)),
                     "v": u.version,
                     "d": u.profile.to_json().decode(),
-                    "m": [k(mark_key(u.customer, e)) for e in u.event_ids],
+                    "m": [k(mark_key(e)) for e in u.event_ids],
                     "c": [
                         [k(counts_key(u.partition)), count_field(j, s), d]
                         for (j, s), d in u.deltas.items()
