@@ -82,6 +82,17 @@ def wait_for_port(
         time.sleep(0.05)
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM for a clean shutdown, SIGKILL if it does not come within ``timeout``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class Service:
     """A started child process and the URL clients use to reach it."""
@@ -92,14 +103,7 @@ class Service:
     log_path: Path
 
     def stop(self, timeout: float = 10) -> None:
-        """SIGTERM for a clean shutdown, SIGKILL if it does not come within ``timeout``."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
 
     def __enter__(self) -> Self:
         return self

@@ -25,7 +25,14 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from pipeline.embedded import Service, create_topics, die_with_parent, start_kafka, start_redis
+from pipeline.embedded import (
+    Service,
+    create_topics,
+    die_with_parent,
+    start_kafka,
+    start_redis,
+    stop_process,
+)
 from pipeline.journeys import Journey
 from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 from pipeline.simulate import Incident
@@ -54,13 +61,7 @@ class Child:
         )
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
         self._log.close()
 
 
