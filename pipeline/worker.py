@@ -183,15 +183,13 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
             until = _parse_time(request.query.get("until"), REPORT_END)
             since = _parse_time(request.query.get("since"), REPORT_START)
 
-            def run() -> list[dict[str, Any]]:
-                client = runtime.sink._connect()
-
+            def run(client: Any) -> list[dict[str, Any]]:
                 def query(sql: str, parameters: dict[str, Any]) -> list[Any]:
                     return list(client.query(sql, parameters=parameters).result_rows)
 
                 return [funnel(query, j, since, until).to_dict() for j in runtime.journeys]
 
-            body = await runtime.sink._call(run)
+            body = await runtime.sink.run(run)
             return self.bytes(orjson.dumps(body), content_type="application/json")
 
     return app

@@ -192,6 +192,10 @@ class ClickHouseSink:
         self.events, self.transitions, self.rejected = [], [], []
         await self._retrying("insert", self._insert_all, batches)
 
+    async def run(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(client)`` on the sink's thread: the one safe way to share chDB."""
+        return await self._retrying("query", lambda: fn(self._connect()))
+
     async def query(
         self, sql: str, parameters: dict[str, Any] | None = None
     ) -> list[tuple[Any, ...]]:

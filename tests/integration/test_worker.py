@@ -233,6 +233,14 @@ def test_known_events_end_to_end(
         assert any("channel" in r for r in reasons)
         published = consume_all(kafka.url, TRANSITIONS_TOPIC, len(transitions))
         assert len(published) == len(transitions)
+
+        # While the worker holds chDB, `journey report` asks it over the web port.
+        report = journey(settings, "report", "--json")
+        assert report.returncode == 0, report.stderr
+        (funnel,) = orjson.loads(report.stdout)
+        entered = {s["stage"]: s["entered"] for s in funnel["stages"]}
+        expected_entered = Counter(t.to_stage for t in transitions)
+        assert entered == {s: expected_entered.get(s, 0) for s in entered}
     finally:
         worker.stop()
 
