@@ -217,11 +217,8 @@ def _funnels_direct(settings: Settings, since: datetime, until: datetime) -> lis
             "stop the worker holding it or pass --worker-url."
         ) from exc
 
-    def query(sql: str, parameters: dict[str, Any]) -> list[Any]:
-        return list(client.query(sql, parameters=parameters).result_rows)
-
     journeys = load_journeys(settings.journeys_path)
-    return [funnel(query, j, since, until) for j in journeys]
+    return [funnel(client, j, since, until) for j in journeys]
 
 
 @cli.command()

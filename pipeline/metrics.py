@@ -20,8 +20,9 @@ class StageCustomersCollector(Collector):
     """``journey_stage_customers`` from the counts of the partitions this worker owns.
 
     The counts live in Redis per partition; the worker refreshes ``snapshot``
-    after each batch and on a timer. Each partition is owned by one worker, so
-    summing the series over workers gives every customer exactly once.
+    on a timer (every couple of seconds), off the batch path. Each partition
+    is owned by one worker, so summing the series over workers gives every
+    customer exactly once.
     """
 
     def __init__(self, stages: Callable[[], Iterator[tuple[str, str]]]) -> None:

@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -52,8 +52,8 @@ SELECT furthest, count() FROM (
 """
 
 
-class QueryFn(Protocol):
-    def __call__(self, sql: str, parameters: dict[str, Any]) -> Sequence[Sequence[Any]]: ...
+def _rows(client: Any, sql: str, parameters: dict[str, Any]) -> list[Any]:
+    return list(client.query(sql, parameters=parameters).result_rows)
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Funnel:
         }
 
 
-def funnel(query: QueryFn, journey: Journey, since: datetime, until: datetime) -> Funnel:
+def funnel(client: Any, journey: Journey, since: datetime, until: datetime) -> Funnel:
     params: dict[str, Any] = {
         "journey": journey.name,
         "kinds": ENTRY_KINDS,
@@ -95,13 +95,15 @@ def funnel(query: QueryFn, journey: Journey, since: datetime, until: datetime) -
     }
     names = list(journey.stage_names)
     rows = {name: StageRow(name) for name in names}
-    for stage, count in query(ENTERED, params):
+    for stage, count in _rows(client, ENTERED, params):
         if stage in rows:
             rows[stage].entered = int(count)
-    for stage, channel, count in query(ENTRIES_BY_CHANNEL, params):
+    for stage, channel, count in _rows(client, ENTRIES_BY_CHANNEL, params):
         if stage in rows:
             rows[stage].by_channel[channel] = int(count)
-    furthest_counts = {int(i): int(n) for i, n in query(FURTHEST, {**params, "stages": names})}
+    furthest_counts = {
+        int(i): int(n) for i, n in _rows(client, FURTHEST, {**params, "stages": names})
+    }
     for position, name in enumerate(names, start=1):
         rows[name].reached = sum(n for i, n in furthest_counts.items() if i >= position)
     ordered = [rows[n] for n in names]

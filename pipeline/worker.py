@@ -142,21 +142,21 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
             for message, rejection in result.rejected:
                 await rejected.send(value=rejected_message(message, rejection, received_at))
             runtime.last_batch_at = received_at
-            await refresh_gauges()
             yield None
 
+    @app.timer(GAUGE_REFRESH_SECONDS)  # type: ignore[untyped-decorator]
     async def refresh_gauges() -> None:
+        """Population of the partitions owned now; off the batch path, one read per tick."""
+        if not runtime.ready.is_set():
+            return
         owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS_TOPIC}
         runtime.metrics.assigned_partitions.set(len(owned))
-        runtime.metrics.stage_customers.snapshot = await runtime.store.stage_customers(owned)
-
-    @app.timer(GAUGE_REFRESH_SECONDS)  # type: ignore[untyped-decorator]
-    async def refresh_timer() -> None:
-        if runtime.ready.is_set():
-            try:
-                await refresh_gauges()
-            except Exception as exc:
-                runtime._sink_error("redis", "stage_customers", exc)
+        try:
+            snapshot = await runtime.store.stage_customers(owned)
+        except Exception as exc:
+            runtime._sink_error("redis", "stage_customers", exc)
+            return
+        runtime.metrics.stage_customers.snapshot = snapshot
 
     @app.page("/metrics")
     class MetricsView(View):
@@ -184,10 +184,7 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
             since = _parse_time(request.query.get("since"), REPORT_START)
 
             def run(client: Any) -> list[dict[str, Any]]:
-                def query(sql: str, parameters: dict[str, Any]) -> list[Any]:
-                    return list(client.query(sql, parameters=parameters).result_rows)
-
-                return [funnel(query, j, since, until).to_dict() for j in runtime.journeys]
+                return [funnel(client, j, since, until).to_dict() for j in runtime.journeys]
 
             body = await runtime.sink.run(run)
             return self.bytes(orjson.dumps(body), content_type="application/json")

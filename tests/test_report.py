@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import clickhouse_connect
 import pytest
@@ -39,11 +38,8 @@ async def test_funnel_counts_skips_as_reached_and_splits_by_channel(chdb_path: P
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{chdb_path}")
 
-    def query(sql: str, parameters: dict[str, Any]) -> list[Any]:
-        return list(client.query(sql, parameters=parameters).result_rows)
-
     (journey,) = default_journeys()
-    result = funnel(query, journey, REPORT_START, REPORT_END)
+    result = funnel(client, journey, REPORT_START, REPORT_END)
     by_stage = {s.stage: s for s in result.stages}
     assert [by_stage[n].entered for n in journey.stage_names] == [2, 2, 1, 0, 0]
     assert [by_stage[n].reached for n in journey.stage_names] == [4, 3, 1, 0, 0]

@@ -199,10 +199,9 @@ class ClickHouseSink:
     async def query(
         self, sql: str, parameters: dict[str, Any] | None = None
     ) -> list[tuple[Any, ...]]:
-        def run() -> list[tuple[Any, ...]]:
-            return list(self._connect().query(sql, parameters=parameters).result_rows)
-
-        return await self._retrying("query", run)
+        return await self.run(
+            lambda client: list(client.query(sql, parameters=parameters).result_rows)
+        )
 
     async def close(self) -> None:
         def close_client() -> None:
