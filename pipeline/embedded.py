@@ -1,4 +1,4 @@
-"""Local Kafka (Tansu) and redis-server processes for `journey up` and the tests.
+"""Local Kafka (Tansu), redis-server and Prometheus processes for `journey up` and the tests.
 
 On a machine without Docker the real parts still run for real: Tansu speaks the
 Kafka protocol (memory storage) and redis-server comes from the system or from
@@ -19,6 +19,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +28,12 @@ from types import TracebackType
 from typing import Any, Self
 
 import redis
+import yaml
 
 TOPIC_ALREADY_EXISTS = 36
 KAFKA_READY_TIMEOUT = 30.0
 REDIS_READY_TIMEOUT = 15.0
+PROMETHEUS_READY_TIMEOUT = 30.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -354,6 +358,104 @@ def start_redis(
         raise TimeoutError(
             f"redis-server on 127.0.0.1:{port} did not answer PING within "
             f"{REDIS_READY_TIMEOUT:.0f}s (last error: {last!r}; log: {log_path})"
+        )
+    except BaseException:
+        service.stop()
+        raise
+
+
+def prometheus_binary() -> str:
+    """Debian's prometheus (package ``prometheus``; scripts/setup.sh installs it as root)."""
+    found = shutil.which("prometheus")
+    if found:
+        return found
+    if os.access("/usr/bin/prometheus", os.X_OK):  # PATH can be trimmed in CI
+        return "/usr/bin/prometheus"
+    raise RuntimeError(
+        "no prometheus binary found: install it with `apt-get install prometheus` "
+        "(scripts/setup.sh does so when run as root)"
+    )
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_prometheus(
+    *,
+    scrape_targets: Sequence[str],
+    data_dir: Path,
+    rule_files: Sequence[Path] = (),
+    port: int | None = None,
+    scrape_interval: str = "1s",
+    evaluation_interval: str = "1s",
+    job: str = "journey-worker",
+    alertmanagers: Sequence[str] = (),
+    log_dir: Path | None = None,
+) -> Service:
+    """Start Prometheus on loopback; return once ``/-/ready`` answers.
+
+    It scrapes ``scrape_targets`` (``host:port`` of workers' /metrics) as job
+    ``job``, the name the rules' worker alerts use, and evaluates ``rule_files``.
+    Its prometheus.yml is written into ``data_dir``: deploy/prometheus's own finds
+    workers through Docker's DNS, which a local run does not have. Short
+    intervals (the default 1 s) let tests see rules fire within seconds.
+    """
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = log_dir or data_dir
+    config: dict[str, Any] = {
+        "global": {
+            "scrape_interval": scrape_interval,
+            "scrape_timeout": scrape_interval,  # may not exceed the interval
+            "evaluation_interval": evaluation_interval,
+        },
+        "rule_files": [str(Path(p).resolve()) for p in rule_files],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": list(scrape_targets)}]}
+        ],
+    }
+    if alertmanagers:
+        config["alerting"] = {
+            "alertmanagers": [{"static_configs": [{"targets": list(alertmanagers)}]}]
+        }
+    config_path = data_dir / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    process, log_path = _spawn(
+        "prometheus",
+        [
+            prometheus_binary(),
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={data_dir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        log_dir,
+        cwd=data_dir,
+    )
+    service = Service("prometheus", process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.monotonic() + PROMETHEUS_READY_TIMEOUT
+        wait_for_port(
+            "127.0.0.1",
+            port,
+            PROMETHEUS_READY_TIMEOUT,
+            service="prometheus",
+            process=process,
+            log_path=log_path,
+        )
+        # The port opens before the TSDB and the rules are loaded; /-/ready waits for both.
+        while time.monotonic() < deadline:
+            _check_alive(process, "prometheus", log_path)
+            if _ready(f"{service.url}/-/ready"):
+                return service
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"prometheus on 127.0.0.1:{port} was not ready within "
+            f"{PROMETHEUS_READY_TIMEOUT:.0f}s (log: {log_path})"
         )
     except BaseException:
         service.stop()

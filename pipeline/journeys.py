@@ -127,6 +127,9 @@ class Stage:
     rules: tuple[EventRule, ...]
     max_dwell: float | None = None
     dwell_from: DwellFrom = "entered"
+    # Drop-off ratio above which the generated Prometheus rules alert; None: the
+    # generator's default for stages with max_dwell (see pipeline/alerting.py).
+    dropoff_alert_ratio: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +354,12 @@ def parse_journeys(text: str, source: str = "<journeys>") -> tuple[Journey, ...]
                         [*here, "max_dwell"],
                         f"{where}.max_dwell: must be longer than zero",
                     )
+            if "dropoff_alert_ratio" in sspec and s == last:
+                raise fail(
+                    [*here, "dropoff_alert_ratio"],
+                    f"{where}.dropoff_alert_ratio: the last stage ({sspec['name']!r}) cannot "
+                    "have dropoff_alert_ratio: nobody drops from the last stage",
+                )
             rules = tuple(_rule(e) for e in sspec["events"])
             stages.append(
                 Stage(
@@ -359,6 +368,9 @@ def parse_journeys(text: str, source: str = "<journeys>") -> tuple[Journey, ...]
                     rules=rules,
                     max_dwell=max_dwell,
                     dwell_from=sspec.get("dwell_from", "entered"),
+                    dropoff_alert_ratio=float(sspec["dropoff_alert_ratio"])
+                    if "dropoff_alert_ratio" in sspec
+                    else None,
                 )
             )
         journeys.append(

@@ -1,29 +1,39 @@
-"""The local services really start, serve and stop: Tansu, redis-server."""
+"""The local services really start, serve and stop: Tansu, redis-server, Prometheus."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from pipeline.alerting import RuleWindows, dropoff_ratio, render_rules
 from pipeline.embedded import (
     Service,
     create_topics,
     free_port,
     start_kafka,
+    start_prometheus,
     start_redis,
     wait_for_port,
 )
+from pipeline.journeys import default_journeys
 
 pytestmark = pytest.mark.services
 
@@ -194,3 +204,96 @@ def test_dead_child_fails_fast(tmp_path: Path) -> None:
             "127.0.0.1", free_port(), 30, service="dead", process=process, log_path=log_path
         )
     assert time.monotonic() - started < 5
+
+
+def prometheus_api(service: Service, path: str, **params: str) -> Any:
+    url = f"{service.url}/api/v1/{path}"
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``check`` until it returns something truthy; rules need a few evaluations."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout:.0f}s: {what}")
+        time.sleep(0.25)
+
+
+def test_prometheus_evaluates_the_generated_rules(tmp_path: Path) -> None:
+    """Prometheus scrapes fake worker metrics, records drop-off ratios and fires alerts."""
+    registry = CollectorRegistry()
+    exits = Counter(
+        "journey_stage_exits",
+        "Exits from a stage",
+        ["journey", "stage", "channel", "outcome"],
+        registry=registry,
+    )
+    lag = Gauge("journey_consumer_lag_messages", "Unconsumed messages", registry=registry)
+    last_batch = Gauge("journey_last_batch_timestamp_seconds", "Last batch", registry=registry)
+    lag.set(42)  # waiting messages, and a batch timestamp that never moves: stalled
+    last_batch.set(time.time())
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        # app loses 3 customers in 4 at purchase; web 1 in 5.
+        while not stop.wait(0.1):
+            exits.labels("retail", "purchase", "app", "advanced").inc(1)
+            exits.labels("retail", "purchase", "app", "dropped").inc(3)
+            exits.labels("retail", "purchase", "web", "advanced").inc(4)
+            exits.labels("retail", "purchase", "web", "dropped").inc(1)
+
+    feeder = threading.Thread(target=traffic, daemon=True)
+    feeder.start()
+    windows = RuleWindows(
+        short="5s", long="10s", baseline="20s", customer_for="0s", pipeline_for="0s", min_exits=5
+    )
+    rules = tmp_path / "journey.rules.yml"
+    rules.write_text(render_rules(default_journeys(), windows))
+    started = time.monotonic()
+    try:
+        with start_prometheus(
+            rule_files=[rules], scrape_targets=[f"127.0.0.1:{port}"], data_dir=tmp_path / "prom"
+        ) as prometheus:
+
+            def app_ratio() -> float | None:
+                query = dropoff_ratio("5s") + '{journey="retail",stage="purchase",channel="app"}'
+                result = prometheus_api(prometheus, "query", query=query)["result"]
+                return float(result[0]["value"][1]) if result else None
+
+            assert eventually(app_ratio, 20, "a drop-off ratio for app") == pytest.approx(
+                0.75, abs=0.1
+            )
+
+            def firing() -> list[dict[str, str]]:
+                alerts = prometheus_api(prometheus, "alerts")["alerts"]
+                found = [a["labels"] for a in alerts if a["state"] == "firing"]
+                names = {labels["alertname"] for labels in found}
+                ok = {"JourneyStageDropoffHigh", "JourneyPipelineStalled"} <= names
+                return found if ok else []
+
+            found = eventually(firing, 20, "drop-off and stall alerts firing")
+            dropoff = [a for a in found if a["alertname"] == "JourneyStageDropoffHigh"]
+            assert [(a["stage"], a["channel"], a["category"]) for a in dropoff] == [
+                ("purchase", "app", "customers")
+            ]
+            stalled = [a for a in found if a["alertname"] == "JourneyPipelineStalled"]
+            assert [(a["job"], a["category"]) for a in stalled] == [("journey-worker", "pipeline")]
+            assert not [a for a in found if a["alertname"] == "JourneyWorkerDown"]
+    finally:
+        stop.set()
+        feeder.join()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert time.monotonic() - started < 30
