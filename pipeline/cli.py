@@ -168,8 +168,13 @@ def report(
     worker_url: str | None,
     as_json: bool,
 ) -> None:
-    """Funnel by stage and channel from ClickHouse, over all history by default."""
-    from pipeline.report import REPORT_END, REPORT_START, Funnel, StageRow, render
+    """Funnel, drop-off, time in stage, hand-offs, consistency and CSAT/NPS from ClickHouse.
+
+    Over all history by default. --json prints one object per journey: the
+    funnel's "journey" and "stages", then "dropoff", "time_in_stage",
+    "handoffs", "consistency" and "feedback".
+    """
+    from pipeline.report import REPORT_END, REPORT_START, render
 
     settings = _settings()
     until = until.replace(tzinfo=UTC) if until else REPORT_END
@@ -184,16 +189,16 @@ def report(
         query = urllib.parse.urlencode({"since": since.isoformat(), "until": until.isoformat()})
         try:
             with urllib.request.urlopen(f"{worker_url}/report?{query}", timeout=60) as resp:
-                data: list[dict[str, Any]] = orjson.loads(resp.read())
+                # A worker of an older version sends the funnel alone; render skips what is missing.
+                reports: list[dict[str, Any]] = orjson.loads(resp.read())
         except (urllib.error.URLError, OSError) as exc:
             raise click.ClickException(f"could not ask the worker at {worker_url}: {exc}") from exc
-        funnels = [Funnel(d["journey"], [StageRow(**s) for s in d["stages"]]) for d in data]
     else:
-        funnels = _funnels_direct(settings, since, until)
+        reports = _reports_direct(settings, since, until)
     if as_json:
-        click.echo(orjson.dumps([f.to_dict() for f in funnels]).decode())
+        click.echo(orjson.dumps(reports).decode())
     else:
-        render(funnels, settings.channels, Console())
+        render(reports, settings.channels, Console())
 
 
 def _worker_alive(url: str) -> bool:
@@ -204,10 +209,10 @@ def _worker_alive(url: str) -> bool:
         return False
 
 
-def _funnels_direct(settings: Settings, since: datetime, until: datetime) -> list[Any]:
+def _reports_direct(settings: Settings, since: datetime, until: datetime) -> list[dict[str, Any]]:
     import clickhouse_connect
 
-    from pipeline.report import funnel
+    from pipeline.report import journey_report
 
     try:
         client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)
@@ -217,8 +222,19 @@ def _funnels_direct(settings: Settings, since: datetime, until: datetime) -> lis
             "stop the worker holding it or pass --worker-url."
         ) from exc
 
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
     journeys = load_journeys(settings.journeys_path)
-    return [funnel(client, j, since, until) for j in journeys]
+    try:
+        return [journey_report(client, j, since, until) for j in journeys]
+    except ClickHouseError as exc:
+        # Most likely tables of a newer version: only the worker applies deploy/clickhouse/.
+        raise click.ClickException(
+            f"ClickHouse at {settings.clickhouse_dsn} could not answer the report: {exc}. "
+            "If a table is missing, start a worker once: it creates the tables at start-up."
+        ) from exc
+    finally:
+        client.close()
 
 
 @cli.command()
@@ -266,6 +282,60 @@ def up(
     run_up(
         data_dir.resolve(), journeys, with_simulator, rate, parsed, web_port, partitions, console
     )
+
+
+@cli.command()
+@click.option(
+    "--journeys",
+    "journeys_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Journey file (default: JOURNEY_JOURNEYS, else the built-in journey).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the rules to this file instead of standard output.",
+)
+@click.option("--short-window", default="5m", show_default=True, help="Window alerts look at.")
+@click.option("--long-window", default="1h", show_default=True, help="Consistency window.")
+@click.option("--baseline-window", default="1d", show_default=True, help="What counts as normal.")
+@click.option(
+    "--min-exits", default=20, show_default=True, help="Exits a channel needs to be judged."
+)
+def rules(
+    journeys_file: Path | None,
+    output: Path | None,
+    short_window: str,
+    long_window: str,
+    baseline_window: str,
+    min_exits: int,
+) -> None:
+    """Generate the Prometheus recording and alert rules for the journeys.
+
+    Per-stage drop-off thresholds come from `dropoff_alert_ratio` in the journey
+    file. The committed deploy/prometheus/rules/journey.rules.yml is this
+    command's output for the built-in journey: regenerate it, never edit it.
+    """
+    from pipeline.alerting import RuleWindows, render_rules
+
+    try:
+        path = journeys_file if journeys_file is not None else _settings().journeys_path
+        journeys = load_journeys(path)
+        windows = RuleWindows(
+            short=short_window, long=long_window, baseline=baseline_window, min_exits=min_exits
+        )
+    except ValueError as exc:  # JourneyFileError is one
+        raise click.ClickException(str(exc)) from exc
+    text = render_rules(journeys, windows)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        console.print(f"wrote {output}")
 
 
 def main() -> None:

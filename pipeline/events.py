@@ -25,6 +25,8 @@ import orjson
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
+from pipeline.identity import routing_key, usable_ids
+
 __all__ = [
     "DEFAULT_CHANNELS",
     "MAX_EVENT_BYTES",
@@ -44,7 +46,16 @@ SCHEMA_RESOURCE: Final = "data/event.v1.json"
 
 #: Bounded label set for metrics (``Rejection.code``).
 REJECTION_CODES: Final = frozenset(
-    {"too_large", "not_utf8", "not_json", "not_object", "schema", "channel", "timestamp"}
+    {
+        "too_large",
+        "not_utf8",
+        "not_json",
+        "not_object",
+        "schema",
+        "channel",
+        "timestamp",
+        "identity",
+    }
 )
 
 PropertyValue = str | int | float | bool | None
@@ -97,9 +108,9 @@ class Event:
 
     @property
     def key(self) -> str:
-        """Customer identity and Kafka key: known customer first, else the device."""
-        key = self.customer_id if self.customer_id is not None else self.anonymous_id
-        assert key is not None  # the schema requires one of the two
+        """Kafka key: the known customer first, else the device; placeholders never count."""
+        key = routing_key(self.customer_id, self.anonymous_id)
+        assert key is not None  # the validator rejects events with no usable id
         return key
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,6 +307,19 @@ class Validator:
                     f"channel: {_short(channel)} is not a configured channel ({self._channel_list})"
                 ),
                 "channel",
+                raw,
+            )
+
+        ids = usable_ids(obj.get("customer_id"), obj.get("anonymous_id"))
+        if ids.empty:
+            given = ", ".join(
+                f"{name} {_short(obj[name])}"
+                for name in ("customer_id", "anonymous_id")
+                if name in obj
+            )
+            return Rejection(
+                _clip(f"{given}: placeholder ids only, so this event names nobody"),
+                "identity",
                 raw,
             )
 

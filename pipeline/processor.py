@@ -1,8 +1,9 @@
-"""One batch of raw Kafka messages → Redis state, ClickHouse rows, metrics.
+"""One batch of raw Kafka messages → Redis state, ClickHouse rows, metrics; and the sweep.
 
-This is the I/O shell around the pure core: decode with the validator, run
-the stage engine per customer, and hand the results to the adapters. It knows
-nothing of Faust, so it can be driven by any consumer (and by tests).
+This is the I/O shell around the pure core: decode with the validator,
+resolve identities, run the engine per group of profiles, and hand the
+results to the adapters. It knows nothing of Faust, so it can be driven by any
+consumer (and by tests).
 """
 
 from __future__ import annotations
@@ -10,20 +11,49 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 import orjson
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from pipeline import engine
+from pipeline.engine import Outcome, Slot
 from pipeline.events import Event, Rejection, Validator
+from pipeline.identity import (
+    REFUSED_CLAIMED,
+    Ref,
+    Resolved,
+    anonymous,
+    customer,
+    groups,
+    resolve,
+    usable_ids,
+)
 from pipeline.journeys import Journey
 from pipeline.metrics import Metrics
-from pipeline.sinks.clickhouse import ClickHouseSink, event_row, rejected_row, transition_row
-from pipeline.stages import Profile, Transition, apply_event
-from pipeline.state.redis_store import Loaded, RedisStore, Update
+from pipeline.sinks.clickhouse import (
+    ClickHouseSink,
+    event_row,
+    feedback_row,
+    handoff_row,
+    rejected_row,
+    transition_row,
+)
+from pipeline.stages import (
+    ADVANCED,
+    DROPPED,
+    ENTERED,
+    REENGAGED,
+    REGRESSED,
+    Profile,
+    Transition,
+    next_deadline,
+)
+from pipeline.state.redis_store import Commit, Loaded, RedisStore, Write
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +62,10 @@ R = TypeVar("R")
 
 # Rejected events carry no trustworthy channel; this label keeps the series bounded.
 UNKNOWN_CHANNEL = "unknown"
+ENTRY_KINDS = frozenset({ENTERED, ADVANCED, REGRESSED, REENGAGED})
+EXIT_KINDS = frozenset({ADVANCED, DROPPED, REGRESSED})
+# How many past-deadline profiles one sweep step handles per partition.
+SWEEP_LIMIT = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +74,7 @@ class RawMessage:
     partition: int
     offset: int
     value: bytes
+    timestamp: float | None = None  # Kafka record time: when the event was received
 
 
 @dataclass
@@ -51,19 +86,20 @@ class BatchResult:
 
 
 @dataclass
-class _Computed:
-    update: Update
-    events: list[Event]
-    duplicates: list[Event]
-    transitions: list[Transition]
+class _Pending:
+    event: Event
+    partition: int
+    received_at: float | None
 
 
-def stage_deltas(before: Profile, after: Profile) -> dict[tuple[str, str], int]:
+def stage_deltas(before: Profile | None, after: Profile | None) -> dict[tuple[str, str], int]:
     """How a profile change moves the per-stage population counts."""
     deltas: dict[tuple[str, str], int] = defaultdict(int)
-    for journey in set(before.positions) | set(after.positions):
-        old = before.positions.get(journey)
-        new = after.positions.get(journey)
+    old_positions = before.positions if before is not None else {}
+    new_positions = after.positions if after is not None else {}
+    for journey in set(old_positions) | set(new_positions):
+        old = old_positions.get(journey)
+        new = new_positions.get(journey)
         old_stage = old.stage if old else None
         new_stage = new.stage if new else None
         if old_stage != new_stage:
@@ -74,38 +110,41 @@ def stage_deltas(before: Profile, after: Profile) -> dict[tuple[str, str], int]:
     return dict(deltas)
 
 
-def compute(
-    loaded: Loaded,
-    events: Sequence[Event],
-    seen: set[str],
-    journeys: Sequence[Journey],
-    partition: int,
-) -> _Computed:
-    """Pure: apply one customer's events of this batch to their stored profile.
+def _refs_named(event: Event) -> list[Ref]:
+    ids = usable_ids(event.customer_id, event.anonymous_id)
+    refs = []
+    if ids.customer_id is not None:
+        refs.append(customer(ids.customer_id))
+    if ids.anonymous_id is not None:
+        refs.append(anonymous(ids.anonymous_id))
+    return refs
 
-    ``events`` hold no id twice (the batch is deduplicated first); ``seen`` are
-    the ids Redis already marked.
-    """
-    profile = loaded.profile
-    fresh: list[Event] = []
-    duplicates: list[Event] = []
-    transitions: list[Transition] = []
-    for event in events:
-        if event.event_id in seen:
-            duplicates.append(event)
-            continue
-        profile, moved = apply_event(profile, event, journeys)
-        transitions.extend(moved)
-        fresh.append(event)
-    update = Update(
-        customer=loaded.profile.customer,
-        version=loaded.version,
-        profile=profile,
-        event_ids=[e.event_id for e in fresh],
-        partition=partition,
-        deltas=stage_deltas(loaded.profile, profile),
-    )
-    return _Computed(update, fresh, duplicates, transitions)
+
+def writes_for(
+    loaded: dict[Ref, Loaded],
+    slots: dict[Ref, Slot],
+    changed: Iterable[Ref],
+    home_if_new: dict[Ref, int],
+    journeys: Sequence[Journey],
+) -> list[Write]:
+    """Pure: what the store must write for the profiles a computation changed."""
+    writes = []
+    for ref in sorted(changed):
+        before = loaded[ref]
+        slot = slots[ref]
+        home = before.home if before.home is not None else home_if_new[ref]
+        profile = slot.profile
+        writes.append(
+            Write(
+                ref=ref,
+                version=before.version,
+                slot=slot,
+                home=home,
+                deadline=None if profile is None else next_deadline(profile, journeys),
+                deltas=stage_deltas(before.slot.profile, profile),
+            )
+        )
+    return writes
 
 
 class BatchProcessor:
@@ -117,20 +156,24 @@ class BatchProcessor:
         sink: ClickHouseSink,
         metrics: Metrics,
         retry_max_seconds: float = 30.0,
+        allowed_lateness_seconds: float = 60.0,
     ) -> None:
         self.retry_max_seconds = retry_max_seconds
+        self.allowed_lateness_seconds = allowed_lateness_seconds
         self.validator = validator
         self.journeys = journeys
         self.store = store
         self.sink = sink
         self.metrics = metrics
+        # Newest event time per partition seen by this process: only for
+        # counting late events (the clock that drives drop-off is in Redis).
+        self._newest: dict[int, float] = {}
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
         started = time.monotonic()
         now = time.time()
         result = BatchResult()
-        by_customer: dict[str, list[Event]] = defaultdict(list)
-        partition_of: dict[str, int] = {}
+        pending: list[_Pending] = []
         in_batch: set[str] = set()
         repeated: list[Event] = []
         for message in messages:
@@ -139,59 +182,160 @@ class BatchProcessor:
                 result.rejected.append((message, decoded))
             elif decoded.event_id in in_batch:
                 # A repeat within the batch, whichever customer it names, is a
-                # duplicate of the first in arrival order, as in stages.replay.
+                # duplicate of the first in arrival order, as in a replay.
                 repeated.append(decoded)
             else:
                 in_batch.add(decoded.event_id)
-                by_customer[decoded.key].append(decoded)
-                partition_of[decoded.key] = message.partition
+                pending.append(_Pending(decoded, message.partition, message.timestamp))
         decoded_at = time.monotonic()
 
-        computed = await self._apply_to_state(by_customer, partition_of)
+        outcome, applied, duplicates = await self._apply_to_state(pending)
         stored_at = time.monotonic()
 
-        for c in computed:
-            self.sink.add_events([event_row(e, now) for e in c.events])
-            self.sink.add_transitions([transition_row(t) for t in c.transitions])
-            result.transitions.extend(c.transitions)
+        self.sink.add_events([event_row(p.event, now) for p in applied])
+        self._add_outcome(outcome)
         self.sink.add_rejected(
             [rejected_row(r, m.topic, m.partition, m.offset, now) for m, r in result.rejected]
         )
         await self.sink.flush()
         flushed_at = time.monotonic()
 
-        self._count(computed, repeated, result)
+        result.transitions = outcome.transitions
+        result.accepted = len(applied)
+        result.duplicates = len(repeated) + len(duplicates)
+        self._count_events(applied, [*repeated, *duplicates], result.rejected)
+        self.count_outcome(outcome)
         m = self.metrics
         m.batch_size.observe(len(messages))
         m.batch_seconds.labels("decode").observe(decoded_at - started)
         m.batch_seconds.labels("redis").observe(stored_at - decoded_at)
         m.batch_seconds.labels("clickhouse").observe(flushed_at - stored_at)
         m.batch_seconds.labels("total").observe(time.monotonic() - started)
+        m.last_batch.set(time.time())
         return result
 
     async def _apply_to_state(
-        self, by_customer: dict[str, list[Event]], partition_of: dict[str, int]
-    ) -> list[_Computed]:
-        """Read, compute, compare-and-set; recompute the customers that raced."""
-        done: list[_Computed] = []
-        pending = dict(by_customer)
+        self, pending: list[_Pending]
+    ) -> tuple[Outcome, list[_Pending], list[Event]]:
+        """Read, resolve, compute, compare-and-set; recompute the groups that raced."""
+        outcome = Outcome()
+        applied: list[_Pending] = []
+        duplicates: list[Event] = []
         while pending:
-            wanted = {c: [e.event_id for e in evs] for c, evs in pending.items()}
-            loaded, seen = await self._retrying("load", self.store.load, wanted)
-            batch = [
-                compute(loaded[c], evs, seen, self.journeys, partition_of[c])
-                for c, evs in pending.items()
-            ]
-            updates = [b.update for b in batch if b.events]
-            conflicts = set(await self._retrying("commit", self.store.commit, updates))
+            named = [r for p in pending for r in _refs_named(p.event)]
+            ids = [p.event.event_id for p in pending]
+            loaded, seen = await self._retrying("load", partial(self.store.load, named, ids))
+            fresh = [p for p in pending if p.event.event_id not in seen]
+            duplicates.extend(p.event for p in pending if p.event.event_id in seen)
+            links = {
+                ref.id: lo.slot.linked_to
+                for ref, lo in loaded.items()
+                if ref.anonymous and lo.slot.linked_to is not None
+            }
+            resolution = resolve([p.event for p in fresh], links)
+            missing = {r.target for r in resolution.events} - set(loaded)
+            if missing:
+                more, _ = await self._retrying("load", partial(self.store.load, missing))
+                loaded.update(more)
+
+            commits: list[Commit] = []
+            computed: list[tuple[list[_Pending], Outcome]] = []
+            for indexes in groups(resolution.events):
+                items = [(fresh[i], resolution.events[i]) for i in indexes]
+                group_outcome, commit = self._compute(items, loaded)
+                commits.append(commit)
+                computed.append(([p for p, _ in items], group_outcome))
+            clocks: dict[int, float] = {}
+            for p in fresh:
+                clocks[p.partition] = max(clocks.get(p.partition, p.event.ts), p.event.ts)
+            conflicts = set(
+                await self._retrying("commit", partial(self.store.commit, commits, clocks))
+            )
+            retry: list[_Pending] = []
+            for i, (members, group_outcome) in enumerate(computed):
+                if i in conflicts:
+                    retry.extend(members)
+                    continue
+                applied.extend(members)
+                _extend(outcome, group_outcome)
             if conflicts:
                 self.metrics.cas_conflicts.inc(len(conflicts))
-                log.info("%d customers changed concurrently; recomputing them", len(conflicts))
-            done.extend(b for b in batch if b.update.customer not in conflicts)
-            pending = {c: pending[c] for c in conflicts}
-        return done
+                log.info("%d groups of profiles changed concurrently; recomputing", len(conflicts))
+            retry_ids = {id(p) for p in retry}
+            pending = [p for p in fresh if id(p) in retry_ids]
+        return outcome, applied, duplicates
 
-    async def _retrying(self, what: str, fn: Callable[[A], Awaitable[R]], arg: A) -> R:
+    def _compute(
+        self, items: list[tuple[_Pending, Resolved]], loaded: dict[Ref, Loaded]
+    ) -> tuple[Outcome, Commit]:
+        refs = {r.target for _, r in items} | {r.absorb for _, r in items if r.absorb}
+        slots = {ref: Slot(loaded[ref].slot.profile, loaded[ref].slot.linked_to) for ref in refs}
+        home_if_new: dict[Ref, int] = {}
+        for p, r in items:
+            home_if_new.setdefault(r.target, p.partition)
+            if r.absorb is not None:
+                home_if_new.setdefault(r.absorb, p.partition)
+            if r.result == REFUSED_CLAIMED:
+                log.warning(
+                    "event %s: anonymous id %r already belongs to another customer; "
+                    "not linking it to %r (first claim wins)",
+                    p.event.event_id,
+                    p.event.anonymous_id,
+                    r.target.id,
+                )
+        out = engine.run_events(slots, [(p.event, r) for p, r in items], self.journeys)
+        writes = writes_for(loaded, slots, out.changed, home_if_new, self.journeys)
+        return out, Commit(writes, [p.event.event_id for p, _ in items])
+
+    async def sweep(self, partitions: Iterable[int]) -> list[Transition]:
+        """Drop the customers of ``partitions`` whose deadline the partition clock passed.
+
+        The clock is the partition's newest event time, run on at wall-clock
+        rate since it arrived, minus the allowed lateness. A profile that
+        changed meanwhile is left for the next sweep (compare-and-set).
+        """
+        parts = list(partitions)
+        if not parts:
+            return []
+        started = time.monotonic()
+        server_now = await self._retrying("time", self.store.server_time)
+        clocks = await self._retrying("clocks", partial(self.store.clocks, parts))
+        outcome = Outcome()
+        for partition, clock in clocks.items():
+            watermark = clock.now(server_now) - self.allowed_lateness_seconds
+            refs = await self._retrying(
+                "due", partial(self.store.due, partition, watermark, SWEEP_LIMIT)
+            )
+            if not refs:
+                continue
+            loaded, _ = await self._retrying("load", partial(self.store.load, refs))
+            commits: list[Commit] = []
+            results: list[list[Transition]] = []
+            for ref in refs:
+                slots = {ref: Slot(loaded[ref].slot.profile, loaded[ref].slot.linked_to)}
+                dropped = engine.sweep(slots, [ref], self.journeys, watermark)
+                writes = writes_for(loaded, slots, [ref], {ref: partition}, self.journeys)
+                commits.append(Commit(writes))
+                results.append(dropped)
+            conflicts = set(await self._retrying("commit", partial(self.store.commit, commits)))
+            for i, dropped in enumerate(results):
+                if i not in conflicts:
+                    outcome.transitions.extend(dropped)
+        if clocks:
+            self.metrics.event_clock.set(max(c.now(server_now) for c in clocks.values()))
+        if outcome.transitions:
+            self._add_outcome(outcome)
+            await self.sink.flush()
+            self.count_outcome(outcome)
+        self.metrics.sweep_seconds.observe(time.monotonic() - started)
+        return outcome.transitions
+
+    def _add_outcome(self, outcome: Outcome) -> None:
+        self.sink.add_transitions([transition_row(t) for t in outcome.transitions])
+        self.sink.add_handoffs([handoff_row(h) for h in outcome.handoffs])
+        self.sink.add_feedback([feedback_row(f) for f in outcome.feedback])
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[R]]) -> R:
         """Retry a Redis call until it succeeds: the agent waits, so consumption stops."""
         async for attempt in AsyncRetrying(
             wait=wait_exponential(multiplier=0.2, max=self.retry_max_seconds),
@@ -200,36 +344,68 @@ class BatchProcessor:
         ):
             with attempt:
                 try:
-                    return await fn(arg)
+                    return await call()
                 except (RedisError, OSError) as exc:
                     self.metrics.sink_errors.labels("redis", what).inc()
                     log.warning("Redis %s failed (%s: %s); retrying", what, type(exc).__name__, exc)
                     raise
         raise AssertionError("unreachable")
 
-    def _count(self, computed: list[_Computed], repeated: list[Event], result: BatchResult) -> None:
+    def _count_events(
+        self,
+        applied: list[_Pending],
+        duplicates: list[Event],
+        rejected: list[tuple[RawMessage, Rejection]],
+    ) -> None:
         m = self.metrics
         now = time.time()
-        for e in repeated:
+        for p in applied:
+            e = p.event
+            m.event(e.channel, "accepted")
+            m.lag.observe(max(0.0, now - e.ts))
+            if p.received_at is not None:
+                m.lateness.labels(e.channel).observe(max(0.0, p.received_at - e.ts))
+            newest = self._newest.get(p.partition)
+            if newest is not None and e.ts < newest - self.allowed_lateness_seconds:
+                m.late_events.labels(e.channel).inc()
+            if newest is None or e.ts > newest:
+                self._newest[p.partition] = e.ts
+        for e in duplicates:
             m.event(e.channel, "duplicate")
-        result.duplicates += len(repeated)
-        for c in computed:
-            for e in c.events:
-                m.event(e.channel, "accepted")
-                m.lag.observe(max(0.0, now - e.ts))
-            for e in c.duplicates:
-                m.event(e.channel, "duplicate")
-            result.accepted += len(c.events)
-            result.duplicates += len(c.duplicates)
-            for t in c.transitions:
-                m.transitions.labels(t.journey, t.kind).inc()
-                if t.to_stage is not None and t.kind != "merged":
-                    m.entry(t.journey, t.to_stage, t.channel)
-                if t.kind == "advanced" and t.from_stage is not None:
-                    m.exit(t.journey, t.from_stage, t.channel, "advanced")
-        for _, rejection in result.rejected:
+        for _, rejection in rejected:
             m.event(UNKNOWN_CHANNEL, "rejected")
             m.rejected.labels(rejection.code).inc()
+
+    def count_outcome(self, outcome: Outcome) -> None:
+        m = self.metrics
+        for t in outcome.transitions:
+            m.transitions.labels(t.journey, t.kind).inc()
+            if t.kind in ENTRY_KINDS and t.to_stage is not None:
+                m.entry(t.journey, t.to_stage, t.channel)
+            if t.kind in EXIT_KINDS and t.from_stage is not None:
+                m.time_in_stage.labels(t.journey, t.from_stage, t.kind).observe(
+                    t.seconds_in_previous
+                )
+                if t.kind != REGRESSED:
+                    m.exit(t.journey, t.from_stage, t.channel, t.kind)
+                    if t.handoff_from is not None and t.handoff_to is not None:
+                        m.handoff_outcomes.labels(
+                            t.journey, t.handoff_from, t.handoff_to, t.kind
+                        ).inc()
+            if t.kind == DROPPED and t.from_stage is not None:
+                m.dropoffs.labels(t.journey, t.from_stage, t.channel).inc()
+        for h in outcome.handoffs:
+            m.handoffs.labels(h.journey, h.from_channel, h.to_channel).inc()
+        for result, n in outcome.merge_results.items():
+            m.merges.labels(result).inc(n)
+
+
+def _extend(into: Outcome, more: Outcome) -> None:
+    into.transitions.extend(more.transitions)
+    into.handoffs.extend(more.handoffs)
+    into.feedback.extend(more.feedback)
+    into.merge_results.update(more.merge_results)
+    into.changed |= more.changed
 
 
 def transition_message(t: Transition) -> bytes:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 
+from pipeline.identity import routing_key
 from pipeline.producer import produce_batches
 
 
@@ -26,16 +27,19 @@ class SendSummary:
 
 
 def _key(raw: bytes) -> tuple[bytes | None, bool]:
-    """The partition key of a line (customer_id, else anonymous_id) and whether it parsed."""
+    """The partition key of a line (customer_id, else anonymous_id) and whether it parsed.
+
+    Placeholder ids ("null", "0"...) are skipped, as the worker skips them.
+    """
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None, False
     if isinstance(doc, dict):
-        for field in ("customer_id", "anonymous_id"):
-            value = doc.get(field)
-            if isinstance(value, str) and value:
-                return value.encode(), True
+        ids = [doc.get(field) for field in ("customer_id", "anonymous_id")]
+        key = routing_key(*(v if isinstance(v, str) else None for v in ids))
+        if key is not None:
+            return key.encode(), True
     return None, True
 
 

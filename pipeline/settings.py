@@ -62,6 +62,17 @@ class Settings:
     # Retry back-off cap for a service that is down; the agent blocks meanwhile
     # (back-pressure), it never drops the batch.
     retry_max_seconds: float = 30.0
+    # Drop-off follows event time. A partition's watermark is its newest event
+    # time minus this; customers whose deadline is behind the watermark are
+    # swept (dropped). Events later than this still apply, counted as late.
+    allowed_lateness_seconds: float = 60.0
+    # How often the sweep looks for customers past their deadline.
+    sweep_seconds: float = 1.0
+    # The live consistency gauge: sliding event-time window and the minimum
+    # exits a channel needs in it to count (DESIGN: cross-channel consistency).
+    consistency_window_seconds: float = 3600.0
+    consistency_min_exits: int = 20
+    consistency_refresh_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -83,6 +94,19 @@ class Settings:
             batch_seconds=_float(env, "JOURNEY_BATCH_SECONDS", cls.batch_seconds),
             dedupe_ttl_seconds=_int(env, "JOURNEY_DEDUPE_TTL_SECONDS", cls.dedupe_ttl_seconds),
             retry_max_seconds=_float(env, "JOURNEY_RETRY_MAX_SECONDS", cls.retry_max_seconds),
+            allowed_lateness_seconds=_float(
+                env, "JOURNEY_ALLOWED_LATENESS_SECONDS", cls.allowed_lateness_seconds
+            ),
+            sweep_seconds=_float(env, "JOURNEY_SWEEP_SECONDS", cls.sweep_seconds),
+            consistency_window_seconds=_float(
+                env, "JOURNEY_CONSISTENCY_WINDOW_SECONDS", cls.consistency_window_seconds
+            ),
+            consistency_min_exits=_int(
+                env, "JOURNEY_CONSISTENCY_MIN_EXITS", cls.consistency_min_exits
+            ),
+            consistency_refresh_seconds=_float(
+                env, "JOURNEY_CONSISTENCY_REFRESH_SECONDS", cls.consistency_refresh_seconds
+            ),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -97,6 +121,13 @@ class Settings:
             "JOURNEY_APP_ID": self.app_id,
             "JOURNEY_BATCH_SIZE": str(self.batch_size),
             "JOURNEY_BATCH_SECONDS": str(self.batch_seconds),
+            "JOURNEY_DEDUPE_TTL_SECONDS": str(self.dedupe_ttl_seconds),
+            "JOURNEY_RETRY_MAX_SECONDS": str(self.retry_max_seconds),
+            "JOURNEY_ALLOWED_LATENESS_SECONDS": str(self.allowed_lateness_seconds),
+            "JOURNEY_SWEEP_SECONDS": str(self.sweep_seconds),
+            "JOURNEY_CONSISTENCY_WINDOW_SECONDS": str(self.consistency_window_seconds),
+            "JOURNEY_CONSISTENCY_MIN_EXITS": str(self.consistency_min_exits),
+            "JOURNEY_CONSISTENCY_REFRESH_SECONDS": str(self.consistency_refresh_seconds),
         }
         if self.journeys_path is not None:
             env["JOURNEY_JOURNEYS"] = str(self.journeys_path)

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -25,7 +25,13 @@ from pipeline.events import Validator
 from pipeline.journeys import Journey, load_journeys
 from pipeline.metrics import Metrics
 from pipeline.processor import BatchProcessor, RawMessage, rejected_message, transition_message
-from pipeline.report import REPORT_END, REPORT_START, funnel
+from pipeline.report import (
+    REPORT_END,
+    REPORT_START,
+    Consistency,
+    consistency,
+    journey_report,
+)
 from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 from pipeline.sinks.clickhouse import ClickHouseSink
 from pipeline.state.redis_store import RedisStore
@@ -52,6 +58,7 @@ class Runtime:
             self.sink,
             self.metrics,
             settings.retry_max_seconds,
+            settings.allowed_lateness_seconds,
         )
         self.ready = asyncio.Event()
         self._starting = asyncio.Lock()
@@ -86,6 +93,31 @@ class Runtime:
                 self.settings.clickhouse_dsn,
             )
 
+    async def refresh_consistency(self) -> None:
+        partitions = await self.store.known_partitions("jt:clock:")
+        clocks = await self.store.clocks(partitions)
+        if not clocks:
+            return
+        server_now = await self.store.server_time()
+        until_ts = max(c.now(server_now) for c in clocks.values())
+        until = datetime.fromtimestamp(until_ts, UTC)
+        since = datetime.fromtimestamp(until_ts - self.settings.consistency_window_seconds, UTC)
+        min_exits = self.settings.consistency_min_exits
+
+        def run(client: Any) -> list[Consistency]:
+            return [consistency(client, j, since, until, min_exits) for j in self.journeys]
+
+        index: dict[tuple[str, str], float] = {}
+        ratios: dict[tuple[str, str, str], float] = {}
+        for result in await self.sink.run(run):
+            for stage in result.stages:
+                if stage.index is not None:
+                    index[(result.journey, stage.stage)] = stage.index
+                for channel, ratio in stage.ratios.items():
+                    ratios[(result.journey, stage.stage, channel)] = ratio
+        self.metrics.consistency.index = index
+        self.metrics.consistency.ratios = ratios
+
 
 def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) -> faust.App:
     journeys = journeys if journeys is not None else load_journeys(settings.journeys_path)
@@ -117,7 +149,11 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
         async for batch in batches:
             messages = [
                 RawMessage(
-                    e.message.topic, e.message.partition, e.message.offset, e.message.value or b""
+                    e.message.topic,
+                    e.message.partition,
+                    e.message.offset,
+                    e.message.value or b"",
+                    e.message.timestamp,
                 )
                 for e in batch
             ]
@@ -144,19 +180,55 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
             runtime.last_batch_at = received_at
             yield None
 
+    def owned() -> set[int]:
+        return {tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS_TOPIC}
+
     @app.timer(GAUGE_REFRESH_SECONDS)  # type: ignore[untyped-decorator]
     async def refresh_gauges() -> None:
         """Population of the partitions owned now; off the batch path, one read per tick."""
         if not runtime.ready.is_set():
             return
-        owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS_TOPIC}
-        runtime.metrics.assigned_partitions.set(len(owned))
+        partitions = owned()
+        runtime.metrics.assigned_partitions.set(len(partitions))
         try:
-            snapshot = await runtime.store.stage_customers(owned)
+            snapshot = await runtime.store.stage_customers(partitions)
+            pending = await runtime.store.pending_deadlines(partitions)
         except Exception as exc:
             runtime._sink_error("redis", "stage_customers", exc)
             return
         runtime.metrics.stage_customers.snapshot = snapshot
+        runtime.metrics.pending_deadlines.set(pending)
+        runtime.metrics.consumer_lag.set(await _consumer_lag(app))
+
+    @app.timer(settings.sweep_seconds)  # type: ignore[untyped-decorator]
+    async def sweep() -> None:
+        """Drop customers past their deadline on the partitions this worker owns.
+
+        Deadlines and partition clocks are in Redis, so after a rebalance the
+        new owner's first sweep picks up what the old owner left.
+        """
+        if not runtime.ready.is_set():
+            return
+        try:
+            dropped = await runtime.processor.sweep(owned())
+        except Exception:
+            log.exception("drop-off sweep failed; the next one retries")
+            return
+        for t in dropped:
+            await transitions.send(key=t.customer.encode(), value=transition_message(t))
+
+    @app.timer(settings.consistency_refresh_seconds)  # type: ignore[untyped-decorator]
+    async def refresh_consistency() -> None:
+        """The consistency gauge over the last window of event time, from ClickHouse.
+
+        Every worker computes the same global value from the shared tables.
+        """
+        if not runtime.ready.is_set():
+            return
+        try:
+            await runtime.refresh_consistency()
+        except Exception as exc:
+            runtime._sink_error("clickhouse", "consistency", exc)
 
     @app.page("/metrics")
     class MetricsView(View):
@@ -184,12 +256,29 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
             since = _parse_time(request.query.get("since"), REPORT_START)
 
             def run(client: Any) -> list[dict[str, Any]]:
-                return [funnel(client, j, since, until).to_dict() for j in runtime.journeys]
+                return [journey_report(client, j, since, until) for j in runtime.journeys]
 
             body = await runtime.sink.run(run)
             return self.bytes(orjson.dumps(body), content_type="application/json")
 
     return app
+
+
+async def _consumer_lag(app: faust.App) -> int:
+    """Messages not consumed yet on the owned partitions (0 when the broker cannot say)."""
+    lag = 0
+    consumer = app.consumer
+    for tp in consumer.assignment():
+        if tp.topic != EVENTS_TOPIC:
+            continue
+        try:
+            highwater = consumer.highwater(tp)
+            position = await consumer.position(tp)
+        except Exception:  # not fetched yet, or rebalancing
+            continue
+        if highwater is not None and position is not None:
+            lag += max(0, int(highwater) - int(position))
+    return lag
 
 
 def _parse_time(raw: str | None, default: datetime) -> datetime:

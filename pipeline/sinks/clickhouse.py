@@ -25,7 +25,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, wait_exponential
 
 from pipeline.events import Event, Rejection
-from pipeline.stages import Transition
+from pipeline.stages import Feedback, Handoff, Transition
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,27 @@ TRANSITION_COLUMNS = (
     "event_id",
     "occurred_at",
     "seconds_in_previous",
+    "handoff_from",
+    "handoff_to",
+)
+HANDOFF_COLUMNS = (
+    "journey",
+    "customer",
+    "stage",
+    "from_channel",
+    "to_channel",
+    "event_id",
+    "occurred_at",
+)
+FEEDBACK_COLUMNS = (
+    "journey",
+    "stage",
+    "channel",
+    "customer",
+    "event_id",
+    "occurred_at",
+    "csat",
+    "nps",
 )
 REJECTED_COLUMNS = ("received_at", "topic", "partition", "offset", "code", "reason", "raw")
 
@@ -97,6 +118,34 @@ def transition_row(t: Transition) -> list[Any]:
         t.event_id,
         _dt(t.occurred_at),
         t.seconds_in_previous,
+        t.handoff_from or "",
+        t.handoff_to or "",
+    ]
+
+
+def handoff_row(h: Handoff) -> list[Any]:
+    return [
+        h.journey,
+        h.customer,
+        h.stage,
+        h.from_channel,
+        h.to_channel,
+        h.event_id,
+        _dt(h.occurred_at),
+    ]
+
+
+def feedback_row(f: Feedback) -> list[Any]:
+    # None stays NULL: "no answer" must not average in as a score of 0.
+    return [
+        f.journey,
+        f.stage,
+        f.channel,
+        f.customer,
+        f.event_id,
+        _dt(f.occurred_at),
+        f.csat,
+        f.nps,
     ]
 
 
@@ -122,6 +171,8 @@ class ClickHouseSink:
         self.events: list[list[Any]] = []
         self.transitions: list[list[Any]] = []
         self.rejected: list[list[Any]] = []
+        self.handoffs: list[list[Any]] = []
+        self.feedback: list[list[Any]] = []
         self.on_error: Callable[[str, BaseException], None] | None = None
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -174,6 +225,12 @@ class ClickHouseSink:
     def add_rejected(self, rows: Sequence[list[Any]]) -> None:
         self.rejected.extend(rows)
 
+    def add_handoffs(self, rows: Sequence[list[Any]]) -> None:
+        self.handoffs.extend(rows)
+
+    def add_feedback(self, rows: Sequence[list[Any]]) -> None:
+        self.feedback.extend(rows)
+
     def _insert_all(self, batches: list[tuple[str, Sequence[str], list[list[Any]]]]) -> None:
         client = self._connect()
         for table, columns, rows in batches:
@@ -186,10 +243,13 @@ class ClickHouseSink:
             ("journey.events", EVENT_COLUMNS, self.events),
             ("journey.transitions", TRANSITION_COLUMNS, self.transitions),
             ("journey.rejected_events", REJECTED_COLUMNS, self.rejected),
+            ("journey.handoffs", HANDOFF_COLUMNS, self.handoffs),
+            ("journey.feedback", FEEDBACK_COLUMNS, self.feedback),
         ]
         if not any(rows for _, _, rows in batches):
             return
         self.events, self.transitions, self.rejected = [], [], []
+        self.handoffs, self.feedback = [], []
         await self._retrying("insert", self._insert_all, batches)
 
     async def run(self, fn: Callable[[Any], T]) -> T:

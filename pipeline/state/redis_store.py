@@ -1,23 +1,36 @@
 """Live per-customer state in Redis, updated a whole batch at a time.
 
-A batch costs two round trips: one pipeline that reads every touched profile
-and duplicate mark, and one Lua script that writes them back. The script is a
-compare-and-set on each profile's version, so the pure engine can run in
-Python between the two while per-customer updates stay atomic even if two
-workers briefly process the same customer (during a rebalance): a customer
-whose version moved is reported back, re-read and recomputed.
+A batch costs two or three round trips: one pipeline that reads every touched
+profile and duplicate mark (a second only when an anonymous id leads to a
+customer not read yet), and one Lua script that writes everything back. The
+script is a compare-and-set on each profile's version, so the pure engine
+runs in Python between the read and the write while per-customer updates stay
+atomic even if two workers briefly handle the same customer (a rebalance, or
+a device and its customer on different partitions). A group whose versions
+moved is reported back, re-read and recomputed.
 
-Key layout (the profile hash-tagged on the customer, so a future Redis
-Cluster keeps one customer's keys in one slot):
+Key layout (profiles hash-tagged on the profile, so a future Redis Cluster
+keeps one profile's keys in one slot):
 
-- ``jt:{<customer>}:p``            hash ``v`` (version), ``d`` (profile JSON)
+- ``jt:{c:<customer>}:p`` / ``jt:{a:<anonymous id>}:p``  hash:
+  ``v`` version, ``d`` profile JSON, ``h`` home partition (where its
+  population and deadline are counted), ``l`` (devices only) the customer it
+  was linked to; a linked device keeps ``v``/``h``/``l`` and loses ``d``.
 - ``jt:e:<event_id>``               duplicate mark, expires after the dedupe TTL.
   Event ids are unique across customers (DESIGN: the idempotency key), so the
-  mark is global, not per customer; under Redis Cluster this key would sit in
-  another slot than the profile, which the script does not support yet.
+  mark is global; under Redis Cluster it would sit in another slot than the
+  profile, which the script does not support yet.
 - ``jt:stage_customers:<partition>`` hash ``<journey>\\x1f<stage>`` → customers now
-  there, per Kafka partition, so each worker can export exactly the partitions
-  it owns and the sum over workers is the total.
+  there, per home partition, so each worker exports exactly the partitions it
+  owns and the sum over workers is the total.
+- ``jt:deadlines:<partition>``      sorted set: profile → its earliest drop-off
+  deadline (event time). The owner of the partition sweeps it.
+- ``jt:clock:<partition>``          hash ``newest`` (newest event time seen on
+  the partition) and ``seen`` (Redis server time when it arrived): the
+  partition's event-time clock, which runs on at wall-clock rate while idle.
+
+Deadlines and clocks live here, not in worker memory, so a partition's new
+owner after a rebalance picks up exactly where the old one stopped.
 """
 
 from __future__ import annotations
@@ -29,45 +42,78 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from pipeline.engine import Slot
+from pipeline.identity import Ref, anonymous
 from pipeline.stages import Profile
 
 FIELD_SEP = "\x1f"
 
-# KEYS: every key touched. ARGV[1]: JSON plan (indexes into KEYS), ARGV[2]: mark TTL.
-# Returns the plan indexes of customers that raced: their version had moved, or
-# one of their events was marked meanwhile (by another customer's batch with
-# the same event id). Nothing is written for those; the caller re-reads them.
+# KEYS: every key touched. ARGV[1]: JSON plan of groups (indexes into KEYS),
+# ARGV[2]: mark TTL, ARGV[3]: partition clocks [[key, newest event time], ...].
+# Absent JSON fields mean "none" (cjson turns null into a truthy userdata).
+# Returns the plan indexes of groups that raced: a version had moved, or one
+# of their events was marked meanwhile. Nothing is written for those.
 CAS_APPLY = """
 local plan = cjson.decode(ARGV[1])
 local ttl = tonumber(ARGV[2])
+local clocks = cjson.decode(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local conflicts = {}
-for i, item in ipairs(plan) do
-  local key = KEYS[item.k]
-  local current = tonumber(redis.call('HGET', key, 'v') or '0')
-  local clean = current == item.v
-  for _, m in ipairs(item.m) do
-    if clean and redis.call('EXISTS', KEYS[m]) == 1 then
+for i, g in ipairs(plan) do
+  local clean = true
+  for _, w in ipairs(g.w) do
+    if tonumber(redis.call('HGET', KEYS[w.k], 'v') or '0') ~= w.v then
       clean = false
+    end
+  end
+  if clean then
+    for _, m in ipairs(g.m) do
+      if redis.call('EXISTS', KEYS[m]) == 1 then
+        clean = false
+      end
     end
   end
   if not clean then
     table.insert(conflicts, i)
   else
-    redis.call('HSET', key, 'v', item.v + 1, 'd', item.d)
-    for _, m in ipairs(item.m) do
+    for _, w in ipairs(g.w) do
+      local key = KEYS[w.k]
+      redis.call('HSET', key, 'v', w.v + 1, 'h', w.h)
+      if w.d then
+        redis.call('HSET', key, 'd', w.d)
+      else
+        redis.call('HDEL', key, 'd')
+      end
+      if w.l then
+        redis.call('HSET', key, 'l', w.l)
+      end
+      if w.s then
+        redis.call('ZADD', KEYS[w.z], w.s, w.r)
+      else
+        redis.call('ZREM', KEYS[w.z], w.r)
+      end
+    end
+    for _, m in ipairs(g.m) do
       redis.call('SET', KEYS[m], '1', 'EX', ttl)
     end
-    for _, c in ipairs(item.c) do
+    for _, c in ipairs(g.c) do
       redis.call('HINCRBY', KEYS[c[1]], c[2], c[3])
     end
+  end
+end
+for _, c in ipairs(clocks) do
+  local newest = tonumber(c[2])
+  if newest > tonumber(redis.call('HGET', KEYS[c[1]], 'newest') or '-1e18') then
+    redis.call('HSET', KEYS[c[1]], 'newest', c[2], 'seen', string.format('%.6f', now))
   end
 end
 return conflicts
 """
 
 
-def profile_key(customer: str) -> str:
-    return f"jt:{{{customer}}}:p"
+def profile_key(ref: Ref) -> str:
+    return f"jt:{{{ref}}}:p"
 
 
 def mark_key(event_id: str) -> str:
@@ -78,27 +124,55 @@ def counts_key(partition: int) -> str:
     return f"jt:stage_customers:{partition}"
 
 
+def deadlines_key(partition: int) -> str:
+    return f"jt:deadlines:{partition}"
+
+
+def clock_key(partition: int) -> str:
+    return f"jt:clock:{partition}"
+
+
 def count_field(journey: str, stage: str) -> str:
     return f"{journey}{FIELD_SEP}{stage}"
 
 
 @dataclass
 class Loaded:
-    """A profile as read, with the version the write must still find."""
+    """A profile slot as read, with the version the write must still find."""
 
-    profile: Profile
+    slot: Slot
     version: int
+    home: int | None  # None: never stored
 
 
 @dataclass
-class Update:
-    customer: str
-    version: int
-    profile: Profile
-    event_ids: list[str]
-    partition: int
-    # (journey, stage) -> change in customers now in that stage
+class Write:
+    ref: Ref
+    version: int  # the version read; the write bumps it
+    slot: Slot
+    home: int
+    deadline: float | None
+    # (journey, stage) -> change in customers now there, counted at ``home``
     deltas: Mapping[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass
+class Commit:
+    """Writes that stand or fall together: one group of a batch, or one swept profile."""
+
+    writes: list[Write]
+    event_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Clock:
+    """A partition's event-time clock (see the module docstring)."""
+
+    newest: float
+    seen: float
+
+    def now(self, server_time: float) -> float:
+        return self.newest + max(0.0, server_time - self.seen)
 
 
 class RedisStore:
@@ -110,33 +184,38 @@ class RedisStore:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
-    async def load(self, wanted: Mapping[str, Sequence[str]]) -> tuple[dict[str, Loaded], set[str]]:
-        """Profiles of ``wanted``'s customers and which of their event ids were seen.
-
-        ``wanted`` maps customer → event ids in the batch. One round trip.
-        """
-        customers = list(wanted)
+    async def load(
+        self, refs: Iterable[Ref], event_ids: Sequence[str] = ()
+    ) -> tuple[dict[Ref, Loaded], set[str]]:
+        """Slots of ``refs`` and which of ``event_ids`` were already seen. One round trip."""
+        wanted = list(dict.fromkeys(refs))
         pipe = self.redis.pipeline(transaction=False)
-        for customer in customers:
-            pipe.hmget(profile_key(customer), "v", "d")
-        marks = [e for c in customers for e in wanted[c]]
-        for event_id in marks:
+        for ref in wanted:
+            pipe.hmget(profile_key(ref), "v", "d", "h", "l")
+        for event_id in event_ids:
             pipe.exists(mark_key(event_id))
         results = await pipe.execute()
-        loaded: dict[str, Loaded] = {}
-        for customer, (version, data) in zip(customers, results, strict=False):
-            if data is None:
-                loaded[customer] = Loaded(Profile.empty(customer), 0)
-            else:
-                loaded[customer] = Loaded(Profile.from_json(data), int(version))
-        seen = {
-            mark for mark, exists in zip(marks, results[len(customers) :], strict=True) if exists
-        }
+        loaded: dict[Ref, Loaded] = {}
+        for ref, (version, data, home, linked) in zip(wanted, results, strict=False):
+            profile = None if data is None else Profile.from_json(data)
+            loaded[ref] = Loaded(
+                Slot(profile, None if linked is None else linked.decode()),
+                0 if version is None else int(version),
+                None if home is None else int(home),
+            )
+        marks = results[len(wanted) :]
+        seen = {e for e, exists in zip(event_ids, marks, strict=True) if exists}
         return loaded, seen
 
-    async def commit(self, updates: Sequence[Update]) -> list[str]:
-        """Write all updates atomically per customer; return customers that conflicted."""
-        if not updates:
+    async def commit(
+        self, commits: Sequence[Commit], clocks: Mapping[int, float] | None = None
+    ) -> list[int]:
+        """Apply each commit atomically; return the indexes of those that conflicted.
+
+        ``clocks`` advances partitions' event-time clocks (partition → newest
+        event time in this batch) in the same script.
+        """
+        if not commits and not clocks:
             return []
         keys: list[str] = []
         index: dict[str, int] = {}
@@ -148,23 +227,64 @@ class RedisStore:
             return index[name]
 
         plan: list[dict[str, Any]] = []
-        for u in updates:
-            plan.append(
-                {
-                    "k": k(profile_key(u.customer)),
-                    "v": u.version,
-                    "d": u.profile.to_json().decode(),
-                    "m": [k(mark_key(e)) for e in u.event_ids],
-                    "c": [
-                        [k(counts_key(u.partition)), count_field(j, s), d]
-                        for (j, s), d in u.deltas.items()
-                        if d
-                    ],
+        for commit in commits:
+            writes = []
+            counts: list[list[Any]] = []
+            for w in commit.writes:
+                item: dict[str, Any] = {
+                    "k": k(profile_key(w.ref)),
+                    "v": w.version,
+                    "h": w.home,
+                    "z": k(deadlines_key(w.home)),
+                    "r": str(w.ref),
                 }
-            )
-        # cjson encodes an empty Lua table as {}: harmless, ipairs over it does nothing.
-        conflicts = await self._cas(keys=keys, args=[orjson.dumps(plan), self.dedupe_ttl_seconds])
-        return [updates[int(i) - 1].customer for i in conflicts]
+                if w.slot.profile is not None:
+                    item["d"] = w.slot.profile.to_json().decode()
+                if w.slot.linked_to is not None:
+                    item["l"] = w.slot.linked_to
+                if w.deadline is not None:
+                    item["s"] = repr(float(w.deadline))
+                writes.append(item)
+                counts.extend(
+                    [k(counts_key(w.home)), count_field(j, s), d]
+                    for (j, s), d in w.deltas.items()
+                    if d
+                )
+            plan.append({"w": writes, "m": [k(mark_key(e)) for e in commit.event_ids], "c": counts})
+        clock_plan = [[k(clock_key(p)), repr(float(ts))] for p, ts in (clocks or {}).items()]
+        conflicts = await self._cas(
+            keys=keys,
+            args=[orjson.dumps(plan), self.dedupe_ttl_seconds, orjson.dumps(clock_plan)],
+        )
+        return [int(i) - 1 for i in conflicts]
+
+    async def server_time(self) -> float:
+        seconds, micros = await self.redis.time()
+        return float(seconds) + micros / 1_000_000
+
+    async def clocks(self, partitions: Iterable[int]) -> dict[int, Clock]:
+        parts = list(partitions)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in parts:
+            pipe.hmget(clock_key(p), "newest", "seen")
+        out: dict[int, Clock] = {}
+        for p, (newest, seen) in zip(parts, await pipe.execute(), strict=True):
+            if newest is not None and seen is not None:
+                out[p] = Clock(float(newest), float(seen))
+        return out
+
+    async def due(self, partition: int, before: float, limit: int) -> list[Ref]:
+        """Profiles of ``partition`` whose earliest deadline is strictly before ``before``."""
+        members = await self.redis.zrangebyscore(
+            deadlines_key(partition), "-inf", f"({before!r}", start=0, num=limit
+        )
+        return [Ref.parse(m.decode() if isinstance(m, bytes) else str(m)) for m in members]
+
+    async def pending_deadlines(self, partitions: Iterable[int]) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for p in partitions:
+            pipe.zcard(deadlines_key(p))
+        return sum(int(n) for n in await pipe.execute())
 
     async def stage_customers(self, partitions: Iterable[int]) -> dict[tuple[str, str], int]:
         """Customers now in each (journey, stage), summed over ``partitions``."""
@@ -181,17 +301,25 @@ class RedisStore:
                 totals[(journey, stage)] = totals.get((journey, stage), 0) + int(raw_value)
         return totals
 
+    async def known_partitions(self, prefix: str = "jt:stage_customers:") -> list[int]:
+        return [
+            int(key.decode().rsplit(":", 1)[1])
+            async for key in self.redis.scan_iter(match=f"{prefix}*", count=1000)
+        ]
+
     async def all_stage_customers(self) -> dict[tuple[str, str], int]:
         """Totals over every partition: for `journey up`'s view, not for metrics."""
-        partitions = [
-            int(key.decode().rsplit(":", 1)[1])
-            async for key in self.redis.scan_iter(match="jt:stage_customers:*", count=1000)
-        ]
-        return await self.stage_customers(partitions)
+        return await self.stage_customers(await self.known_partitions())
 
-    async def profile(self, customer: str) -> Profile | None:
-        data = await self.redis.hget(profile_key(customer), "d")
+    async def profile(self, ref: Ref) -> Profile | None:
+        data = await self.redis.hget(profile_key(ref), "d")
         return None if data is None else Profile.from_json(data)
+
+    async def linked_to(self, anonymous_id: str) -> str | None:
+        data = await self.redis.hget(profile_key(anonymous(anonymous_id)), "l")
+        if data is None:
+            return None
+        return data.decode() if isinstance(data, bytes) else str(data)
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -222,7 +222,7 @@ def test_known_events_end_to_end(
         assert total(samples, "journey_stage_entries_total") == len(transitions) == 9
         assert total(samples, "journey_stage_exits_total", outcome="advanced") == 4
 
-        store_state = {c: redis_client.hget(f"jt:{{{c}}}:p", "d") for c in profiles}
+        store_state = {c: redis_client.hget(f"jt:{{c:{c}}}:p", "d") for c in profiles}
         for customer, profile in profiles.items():
             assert store_state[customer] == profile.to_json(), customer
 

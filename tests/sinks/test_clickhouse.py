@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,13 +11,16 @@ import pytest
 
 from pipeline.events import Rejection, Validator
 from pipeline.sinks.clickhouse import (
+    DDL_DIR,
     ClickHouseSink,
     event_row,
+    feedback_row,
+    handoff_row,
     rejected_row,
     split_statements,
     transition_row,
 )
-from pipeline.stages import Transition
+from pipeline.stages import Feedback, Handoff, Transition
 
 pytestmark = pytest.mark.services
 
@@ -96,3 +100,58 @@ def test_split_statements_ignores_comments() -> None:
         "CREATE DATABASE x",
         "CREATE TABLE y (a Int8)\nENGINE = Memory",
     ]
+
+
+async def test_handoffs_feedback_and_exit_handoffs_land_and_collapse_on_replay(
+    chdb_path: Path,
+) -> None:
+    """Hand-offs, survey answers (NULL for no answer) and an exit's hand-off are stored once."""
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    exit_ = Transition(
+        "retail", "c1", "awareness", None, "dropped", "app", "", 604_800.0, 604_800.0, "web", "app"
+    )
+    handoff = Handoff("retail", "c1", "awareness", "web", "app", "e2", 60.0)
+    answers = [
+        Feedback("retail", "awareness", "app", "c1", "e3", 90.0, 4.0, None),
+        Feedback("retail", "", "store", "c2", "e4", 95.0, None, 10.0),
+    ]
+    for _ in range(2):  # the second time is a replayed batch
+        sink.add_transitions([transition_row(exit_)])
+        sink.add_handoffs([handoff_row(handoff)])
+        sink.add_feedback([feedback_row(f) for f in answers])
+        await sink.flush()
+    assert await sink.query(
+        "SELECT from_stage, to_stage, kind, handoff_from, handoff_to FROM journey.transitions FINAL"
+    ) == [("awareness", "", "dropped", "web", "app")]
+    assert await sink.query(
+        "SELECT stage, from_channel, to_channel, event_id, occurred_at FROM journey.handoffs FINAL"
+    ) == [("awareness", "web", "app", "e2", datetime(1970, 1, 1, 0, 1))]
+    assert await sink.query(
+        "SELECT stage, channel, csat, nps FROM journey.feedback FINAL ORDER BY event_id"
+    ) == [("awareness", "app", 4.0, None), ("", "store", None, 10.0)]
+    await sink.close()
+
+
+async def test_002_upgrades_a_database_made_by_001(chdb_path: Path, tmp_path: Path) -> None:
+    """Transitions stored before the hand-off columns existed read back with empty ones."""
+    only_001 = tmp_path / "ddl"
+    only_001.mkdir()
+    shutil.copy(DDL_DIR / "001_core_tables.sql", only_001)
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start(only_001)
+    old_columns = [
+        "journey", "customer", "from_stage", "to_stage", "kind", "channel", "event_id",
+        "occurred_at", "seconds_in_previous",
+    ]  # fmt: skip
+    old = transition_row(
+        Transition("retail", "c1", "awareness", "purchase", "advanced", "store", "e2", 5.0, 4.0)
+    )[: len(old_columns)]
+    await sink.run(lambda c: c.insert("journey.transitions", [old], column_names=old_columns))
+    await sink.start()
+    await sink.start()
+    assert await sink.query(
+        "SELECT event_id, handoff_from, handoff_to FROM journey.transitions FINAL"
+    ) == [("e2", "", "")]
+    assert await sink.query("SELECT count() FROM journey.handoffs") == [(0,)]
+    await sink.close()

@@ -6,15 +6,17 @@ import pytest
 import redis
 
 from pipeline.embedded import Service
+from pipeline.engine import Slot
+from pipeline.identity import Ref, anonymous, customer
 from pipeline.stages import Position, Profile
-from pipeline.state.redis_store import RedisStore, Update
+from pipeline.state.redis_store import Commit, RedisStore, Write
 
 pytestmark = pytest.mark.services
 
 
-def profile(customer: str, stage: str) -> Profile:
+def profile(name: str, stage: str) -> Profile:
     return Profile(
-        customer=customer,
+        customer=name,
         positions={"retail": Position(stage, 100.0, 100.0, "web")},
         channels=frozenset({"web"}),
         last_channel="web",
@@ -22,30 +24,42 @@ def profile(customer: str, stage: str) -> Profile:
     )
 
 
-async def test_commit_writes_state_marks_and_counts(
+def write(
+    ref: Ref,
+    version: int,
+    stage: str | None,
+    partition: int = 0,
+    deadline: float | None = None,
+    delta: int = 1,
+) -> Write:
+    slot = Slot(None if stage is None else profile(ref.id, stage))
+    deltas = {} if stage is None else {("retail", stage): delta}
+    return Write(ref, version, slot, partition, deadline, deltas)
+
+
+async def test_commit_writes_state_marks_counts_and_deadlines(
     redis_service: Service, redis_client: redis.Redis
 ) -> None:
-    """One commit stores the profile, the duplicate marks and the per-partition counts."""
+    """One commit stores the profile, its home, the marks, the counts and the deadline."""
     store = RedisStore(redis_service.url, dedupe_ttl_seconds=60)
+    c1 = customer("c1")
     try:
-        loaded, seen = await store.load({"c1": ["e1", "e2"]})
-        assert loaded["c1"].version == 0 and not seen
-        update = Update(
-            "c1",
-            0,
-            profile("c1", "purchase"),
-            ["e1", "e2"],
-            partition=3,
-            deltas={("retail", "purchase"): 1},
-        )
-        assert await store.commit([update]) == []
-        loaded, seen = await store.load({"c1": ["e1", "e3"]})
-        assert loaded["c1"].version == 1
-        assert loaded["c1"].profile == profile("c1", "purchase")
+        loaded, seen = await store.load([c1], ["e1", "e2"])
+        assert loaded[c1].version == 0 and loaded[c1].home is None and not seen
+        commit = Commit([write(c1, 0, "purchase", partition=3, deadline=500.0)], ["e1", "e2"])
+        assert await store.commit([commit], {3: 150.0}) == []
+        loaded, seen = await store.load([c1], ["e1", "e3"])
+        assert loaded[c1].version == 1 and loaded[c1].home == 3
+        assert loaded[c1].slot.profile == profile("c1", "purchase")
         assert seen == {"e1"}
         assert await store.stage_customers([3]) == {("retail", "purchase"): 1}
         assert await store.stage_customers([0, 1]) == {}
         assert 0 < redis_client.ttl("jt:e:e1") <= 60
+        assert await store.due(3, 500.0, 10) == []  # strictly before
+        assert await store.due(3, 500.001, 10) == [c1]
+        assert await store.pending_deadlines([3]) == 1
+        clocks = await store.clocks([3, 4])
+        assert list(clocks) == [3] and clocks[3].newest == 150.0
     finally:
         await store.close()
 
@@ -53,17 +67,49 @@ async def test_commit_writes_state_marks_and_counts(
 async def test_stale_version_is_refused_and_reported(
     redis_service: Service, redis_client: redis.Redis
 ) -> None:
-    """A write based on an old read changes nothing and names the customer."""
+    """A write based on an old read changes nothing and is reported by its index."""
     store = RedisStore(redis_service.url, dedupe_ttl_seconds=60)
+    c1, c2 = customer("c1"), customer("c2")
     try:
-        first = Update("c1", 0, profile("c1", "awareness"), ["e1"], 0, {("retail", "awareness"): 1})
-        ok = Update("c2", 0, profile("c2", "awareness"), ["e2"], 0, {("retail", "awareness"): 1})
-        assert await store.commit([first]) == []
-        stale = Update("c1", 0, profile("c1", "purchase"), ["e9"], 0, {("retail", "purchase"): 1})
-        assert await store.commit([stale, ok]) == ["c1"]
-        assert (await store.profile("c1")) == profile("c1", "awareness")
+        assert await store.commit([Commit([write(c1, 0, "awareness")], ["e1"])]) == []
+        stale = Commit([write(c1, 0, "purchase")], ["e9"])
+        ok = Commit([write(c2, 0, "awareness")], ["e2"])
+        assert await store.commit([stale, ok]) == [0]
+        assert (await store.profile(c1)) == profile("c1", "awareness")
         assert redis_client.exists("jt:e:e9") == 0
         assert await store.stage_customers([0]) == {("retail", "awareness"): 2}
+    finally:
+        await store.close()
+
+
+async def test_a_group_stands_or_falls_together(
+    redis_service: Service, redis_client: redis.Redis
+) -> None:
+    """A merge writes the device and the customer in one commit; one stale version voids both."""
+    store = RedisStore(redis_service.url, dedupe_ttl_seconds=60)
+    c1, a1 = customer("c1"), anonymous("a1")
+    try:
+        assert await store.commit([Commit([write(a1, 0, "awareness", deadline=50.0)])]) == []
+        merge = Commit(
+            [
+                write(c1, 0, "consideration"),
+                Write(a1, 0, Slot(None, "c1"), 0, None, {("retail", "awareness"): -1}),
+            ],
+            ["login"],
+        )
+        assert await store.commit([merge]) == [0]  # a1 is at version 1 now
+        assert await store.profile(c1) is None
+        merge.writes[1].version = 1
+        assert await store.commit([merge]) == []
+        assert await store.linked_to("a1") == "c1"
+        assert await store.profile(a1) is None
+        loaded, _ = await store.load([a1])
+        assert loaded[a1].slot == Slot(None, "c1") and loaded[a1].version == 2
+        assert await store.stage_customers([0]) == {
+            ("retail", "awareness"): 0,
+            ("retail", "consideration"): 1,
+        }
+        assert await store.due(0, 1e12, 10) == []  # the device's deadline went with it
     finally:
         await store.close()
 
@@ -73,11 +119,12 @@ async def test_script_survives_a_flushed_script_cache(
 ) -> None:
     """After a restart or failover the script cache is empty; commits still work."""
     store = RedisStore(redis_service.url, dedupe_ttl_seconds=60)
+    c1 = customer("c1")
     try:
-        assert await store.commit([Update("c1", 0, profile("c1", "awareness"), [], 0, {})]) == []
+        assert await store.commit([Commit([write(c1, 0, "awareness")])]) == []
         redis_client.script_flush()
-        assert await store.commit([Update("c1", 1, profile("c1", "purchase"), [], 0, {})]) == []
-        assert (await store.profile("c1")) == profile("c1", "purchase")
+        assert await store.commit([Commit([write(c1, 1, "purchase")])]) == []
+        assert (await store.profile(c1)) == profile("c1", "purchase")
     finally:
         await store.close()
 
@@ -87,14 +134,30 @@ async def test_an_event_id_marked_meanwhile_is_a_conflict(
 ) -> None:
     """Two customers' batches claiming one event id: the second is sent back to re-read."""
     store = RedisStore(redis_service.url, dedupe_ttl_seconds=60)
+    a, b = customer("a"), customer("b")
     try:
-        a = Update("a", 0, profile("a", "awareness"), ["shared"], 0, {("retail", "awareness"): 1})
-        b = Update("b", 0, profile("b", "awareness"), ["shared"], 0, {("retail", "awareness"): 1})
-        assert await store.commit([a]) == []
-        assert await store.commit([b]) == ["b"]
-        assert await store.profile("b") is None
-        _, seen = await store.load({"b": ["shared"]})
+        assert await store.commit([Commit([write(a, 0, "awareness")], ["shared"])]) == []
+        assert await store.commit([Commit([write(b, 0, "awareness")], ["shared"])]) == [0]
+        assert await store.profile(b) is None
+        _, seen = await store.load([b], ["shared"])
         assert seen == {"shared"}
         assert await store.stage_customers([0]) == {("retail", "awareness"): 1}
+    finally:
+        await store.close()
+
+
+async def test_partition_clock_only_moves_forward(
+    redis_service: Service, redis_client: redis.Redis
+) -> None:
+    """An old event does not pull the clock back; the clock runs on with server time."""
+    store = RedisStore(redis_service.url, dedupe_ttl_seconds=60)
+    try:
+        await store.commit([], {0: 1000.0})
+        await store.commit([], {0: 900.0})
+        clock = (await store.clocks([0]))[0]
+        assert clock.newest == 1000.0
+        now = await store.server_time()
+        assert 1000.0 <= clock.now(now) < 1000.0 + 5
+        assert clock.now(clock.seen + 30) == pytest.approx(1030.0)
     finally:
         await store.close()
