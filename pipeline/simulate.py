@@ -236,15 +236,23 @@ def _other_channel(rng: random.Random, channel: str) -> str:
     return _weighted(rng, mix)
 
 
-def _gap(rng: random.Random, spec: tuple[float, float]) -> float:
-    return spec[0] + rng.expovariate(1.0 / spec[1])
+def _gap(rng: random.Random, spec: tuple[float, float], scale: float = 1.0) -> float:
+    return (spec[0] + rng.expovariate(1.0 / spec[1])) * scale
 
 
 class _Customer:
     """Builds one customer's events; the identity rules live here."""
 
-    def __init__(self, rng: random.Random, t: float, incidents: Sequence[Incident], start: float):
+    def __init__(
+        self,
+        rng: random.Random,
+        t: float,
+        incidents: Sequence[Incident],
+        start: float,
+        time_scale: float = 1.0,
+    ):
         self.rng = rng
+        self.time_scale = time_scale
         self.t = t
         self.incidents = incidents
         self.start = start
@@ -329,7 +337,7 @@ class _Customer:
         event["schema_version"] = 1
         self._push(event)
         if rng.random() < P_UNMAPPED:
-            self.t += rng.uniform(0.2, 3.0)
+            self.t += rng.uniform(0.2, 3.0) * self.time_scale
             noise_type, noise_tp = rng.choice(UNMAPPED_EVENTS[channel])
             self.emit(noise_type, noise_tp, channel, None, properties={})
 
@@ -357,13 +365,13 @@ class _Customer:
         while self._failed(stage, channel):
             for _ in range(rng.randint(1, 2)):  # the customer tries again, then...
                 self.emit(FAILURE_EVENTS[stage], "error_page", channel, stage, properties={})
-                self.t += _gap(rng, GAP_IN_STAGE)
+                self.t += _gap(rng, GAP_IN_STAGE, self.time_scale)
             if rng.random() >= 0.3:
                 return False  # ...gives up
             channel = _other_channel(rng, channel)  # ...or retries elsewhere
         for i in range(count):
             if i:
-                self.t += _gap(rng, GAP_IN_STAGE)
+                self.t += _gap(rng, GAP_IN_STAGE, self.time_scale)
             event_type, touchpoint = rng.choice(STAGE_EVENTS[stage][channel])
             self.emit(event_type, touchpoint, channel, stage)
         return True
@@ -391,14 +399,14 @@ class _Customer:
                 break
             if stage in ("purchase", "retention") and rng.random() < P_BROWSE_BACK:
                 # A loyal customer browsing: an earlier-stage event (a regression).
-                self.t += _gap(rng, GAP_IN_STAGE)
+                self.t += _gap(rng, GAP_IN_STAGE, self.time_scale)
                 back = rng.choice(["awareness", "consideration"])
                 event_type, touchpoint = rng.choice(STAGE_EVENTS[back][channel])
                 self.emit(event_type, touchpoint, channel, back)
             if stage == "advocacy":
                 break
             if stage == "retention" and rng.random() < P_LOW_NPS_SURVEY:
-                self.t += _gap(rng, GAP_IN_STAGE)
+                self.t += _gap(rng, GAP_IN_STAGE, self.time_scale)
                 # A lukewarm survey answer: below the advocacy threshold, moves nobody.
                 self.emit(
                     "nps_response",
@@ -413,7 +421,7 @@ class _Customer:
                 stage_i += 1
             else:
                 break
-            self.t += _gap(rng, GAP_BETWEEN_STAGES)
+            self.t += _gap(rng, GAP_BETWEEN_STAGES, self.time_scale)
         return self.events
 
 
@@ -424,8 +432,11 @@ def _generate_timed(
     duration: float | None,
     incidents: Iterable[Incident] = (),
     customers_per_second: float | None = None,
+    time_scale: float = 1.0,
 ) -> Iterator[tuple[float, dict[str, Any]]]:
     """Yield (event time, event) in event-time order; see `generate`."""
+    if time_scale <= 0:
+        raise ValueError(f"time_scale must be positive, got {time_scale}")
     if rate <= 0 and customers_per_second is None:
         raise ValueError(f"rate must be positive, got {rate}")
     cps = rate / MEAN_EVENTS_PER_CUSTOMER
@@ -449,7 +460,8 @@ def _generate_timed(
             # Each customer draws from its own stream, so an incident changes only the
             # customers it hits, not everyone who arrives after (comparable runs).
             customer_rng = random.Random(rng.getrandbits(64))
-            for t, event in _Customer(customer_rng, next_arrival, incs, start).journey():
+            customer = _Customer(customer_rng, next_arrival, incs, start, time_scale)
+            for t, event in customer.journey():
                 heapq.heappush(heap, (t, seq, event))
                 seq += 1
             next_arrival += rng.expovariate(cps)
@@ -464,14 +476,19 @@ def generate(
     duration: float | None,
     incidents: Iterable[Incident] = (),
     customers_per_second: float | None = None,
+    time_scale: float = 1.0,
 ) -> Iterator[dict[str, Any]]:
     """Yield schema-v1 event dicts in event-time order, from epoch `start` for `duration` s.
 
     About `rate` events per second on average (customers arrive as a Poisson
     process at `customers_per_second`, by default derived from `rate`).
     `duration=None` runs forever. Everything random comes from `rng`.
+    `time_scale` multiplies the gaps between one customer's events: 0.2 makes
+    customers five times quicker, to rehearse with dwell times of seconds.
     """
-    for _, event in _generate_timed(rng, start, rate, duration, incidents, customers_per_second):
+    for _, event in _generate_timed(
+        rng, start, rate, duration, incidents, customers_per_second, time_scale
+    ):
         yield event
 
 
@@ -484,6 +501,7 @@ async def run_simulation(
     seed: int | None,
     realtime: bool = True,
     on_sent: Callable[[int], None] | None = None,
+    time_scale: float = 1.0,
 ) -> int:
     """Produce simulated events to Kafka, keyed by customer; return how many were sent.
 
@@ -502,7 +520,7 @@ async def run_simulation(
     t0 = loop.time()
 
     async def records() -> AsyncIterator[tuple[bytes | None, bytes]]:
-        for t, event in _generate_timed(rng, start, rate, duration, incs):
+        for t, event in _generate_timed(rng, start, rate, duration, incs, None, time_scale):
             if realtime:
                 delay = (t - start) - (loop.time() - t0)
                 if delay > 0.002:

@@ -1,14 +1,17 @@
 """`journey up`: the embedded default, every part local, with a live funnel view.
 
 Starts Tansu (Kafka protocol, memory storage), redis-server and a worker that
-owns an embedded chDB, optionally the simulator, then redraws the funnel once
-a second from Redis (customers now per stage) and the worker's /metrics
-(entries per minute, rejected events). Ctrl-C stops everything it started.
+owns an embedded chDB, optionally the simulator, and Prometheus with the
+project's alert rules where Debian's prometheus is installed. It then redraws
+the funnel once a second from Redis (customers now per stage), the worker's
+/metrics (entries and drop-offs per minute, consistency, rejected events) and
+Prometheus (alerts firing). Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -25,11 +28,15 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from pipeline import rehearsal
+from pipeline.alerting import RuleWindows, render_rules
 from pipeline.embedded import (
     Service,
     create_topics,
     die_with_parent,
+    prometheus_binary,
     start_kafka,
+    start_prometheus,
     start_redis,
     stop_process,
 )
@@ -65,6 +72,16 @@ class Child:
         self._log.close()
 
 
+def firing_alerts(prometheus_url: str) -> list[dict[str, str]] | None:
+    """Alerts Prometheus has firing now (labels), None if it cannot be asked."""
+    try:
+        with urllib.request.urlopen(f"{prometheus_url}/api/v1/alerts", timeout=2) as resp:
+            body = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return [a["labels"] for a in body["data"]["alerts"] if a.get("state") == "firing"]
+
+
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
     """Samples of a /metrics endpoint keyed by (name, sorted labels); None if unreachable."""
     try:
@@ -89,14 +106,31 @@ def _sum(
     return total
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _per_minute(
+    samples: Samples | None, oldest: tuple[float, Samples] | None, name: str, **labels: str
+) -> float:
+    if samples is None or oldest is None:
+        return 0.0
+    span = max(1.0, time.monotonic() - oldest[0])
+    return (_sum(samples, name, **labels) - _sum(oldest[1], name, **labels)) * 60.0 / span
+
+
 def render(
     journeys: Sequence[Journey],
     customers: dict[tuple[str, str], int],
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] | None,
-    history: deque[tuple[float, dict[tuple[str, tuple[tuple[str, str], ...]], float]]],
+    samples: Samples | None,
+    history: deque[tuple[float, Samples]],
     channels: Sequence[str],
     status: str,
+    alerts: list[dict[str, str]] | None = None,
 ) -> Group:
+    """The live view: per stage, customers now, entries and drop-offs per minute, consistency.
+
+    ``alerts`` None means no Prometheus evaluates the rules in this run.
+    """
     parts: list[Panel | Table] = []
     oldest = history[0] if history else None
     for journey in journeys:
@@ -107,27 +141,40 @@ def render(
         table.add_column("entries/min", justify="right")
         for c in channels:
             table.add_column(c, justify="right")
+        table.add_column("drop-offs/min", justify="right")
+        table.add_column("consistency", justify="right")
         peak = max([customers.get((journey.name, s.name), 0) for s in journey.stages] + [1])
         for stage in journey.stages:
             now = customers.get((journey.name, stage.name), 0)
             bar = "█" * round(20 * now / peak)
-            per_channel = []
-            total_rate = 0.0
-            for c in channels:
-                rate = 0.0
-                if samples is not None and oldest is not None:
-                    span = max(1.0, time.monotonic() - oldest[0])
-                    name = "journey_stage_entries_total"
-                    labels = {"journey": journey.name, "stage": stage.name, "channel": c}
-                    rate = (
-                        (_sum(samples, name, **labels) - _sum(oldest[1], name, **labels))
-                        * 60.0
-                        / span
-                    )
-                total_rate += rate
-                per_channel.append(f"{rate:.0f}")
-            table.add_row(stage.name, str(now), bar, f"{total_rate:.0f}", *per_channel)
+            labels = {"journey": journey.name, "stage": stage.name}
+            per_channel = [
+                _per_minute(samples, oldest, "journey_stage_entries_total", **labels, channel=c)
+                for c in channels
+            ]
+            dropoffs = _per_minute(samples, oldest, "journey_dropoffs_total", **labels)
+            index = [
+                v
+                for (name, ls), v in (samples or {}).items()
+                if name == "journey_cross_channel_consistency" and dict(ls) == labels
+            ]
+            table.add_row(
+                stage.name,
+                str(now),
+                bar,
+                f"{sum(per_channel):.0f}",
+                *(f"{r:.0f}" for r in per_channel),
+                f"{dropoffs:.0f}" if stage.max_dwell is not None else "–",
+                f"{index[0]:.2f}" if index else "–",
+            )
         parts.append(table)
+    if alerts is not None:
+        lines = [
+            f"[bold red]{a.get('alertname')}[/] "
+            + " ".join(f"{k}={a[k]}" for k in ("journey", "stage", "channel") if k in a)
+            for a in alerts
+        ]
+        parts.append(Panel("\n".join(lines) or "none firing", title="alerts (Prometheus)"))
     if samples is not None:
         accepted = _sum(samples, "journey_events_total", outcome="accepted")
         rejected = _sum(samples, "journey_events_total", outcome="rejected")
@@ -147,12 +194,14 @@ def render(
 def run_up(
     data_dir: Path,
     journeys: tuple[Journey, ...],
+    journeys_path: Path | None,
     with_simulator: bool,
     rate: float,
     incidents: Sequence[Incident],
     web_port: int,
     partitions: int,
     console: Console,
+    rehearse: bool = False,
 ) -> None:
     log_dir = data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -173,23 +222,55 @@ def run_up(
             kafka_url=kafka.url,
             redis_url=redis_service.url,
             clickhouse_dsn=f"chdb://{data_dir / 'chdb'}",
-            journeys_path=base.journeys_path,
+            journeys_path=journeys_path,
             web_port=web_port,
             channels=base.channels,
+            allowed_lateness_seconds=(
+                rehearsal.ALLOWED_LATENESS_SECONDS if rehearse else base.allowed_lateness_seconds
+            ),
+            sweep_seconds=rehearsal.SWEEP_SECONDS if rehearse else base.sweep_seconds,
         )
+        prometheus_url = None
+        if prometheus_binary() is not None:
+            prom_dir = data_dir / "prometheus"
+            prom_dir.mkdir(parents=True, exist_ok=True)
+            rules = prom_dir / "journey.rules.yml"
+            rules.write_text(
+                render_rules(journeys, rehearsal.WINDOWS if rehearse else RuleWindows())
+            )
+            interval = "1s" if rehearse else "5s"
+            with console.status("starting Prometheus with the alert rules…"):
+                services.append(
+                    start_prometheus(
+                        scrape_targets=[f"127.0.0.1:{web_port}"],
+                        rule_files=[rules],
+                        data_dir=prom_dir,
+                        scrape_interval=interval,
+                        evaluation_interval=interval,
+                        log_dir=log_dir,
+                    )
+                )
+            prometheus_url = services[-1].url
         env = settings.to_env()
         children.append(Child("worker", ["worker", "--loglevel", "warning"], env, log_dir))
         if with_simulator:
             args = ["simulate", "--rate", str(rate)]
+            if rehearse:
+                args += ["--time-scale", str(rehearsal.TIME_SCALE)]
             for i in incidents:
                 args += ["--incident", f"{i.channel}:{i.stage}:{i.failure_rate}@{i.start_after}s"]
             children.append(Child("simulate", args, env, log_dir))
         console.print(
             f"broker {kafka.url}  redis {redis_service.url}  chDB {data_dir / 'chdb'}\n"
             f"metrics http://127.0.0.1:{web_port}/metrics  logs {log_dir}\n"
-            "The worker joins its consumer group first (15–35 s on Tansu). Ctrl-C stops all."
+            + (
+                f"Prometheus {prometheus_url} (alert rules loaded)\n"
+                if prometheus_url
+                else "No Prometheus installed (scripts/setup.sh installs it): no alerts.\n"
+            )
+            + "The worker joins its consumer group first (15–35 s on Tansu). Ctrl-C stops all."
         )
-        asyncio.run(_live(journeys, settings, children, console))
+        asyncio.run(_live(journeys, settings, children, console, prometheus_url))
     except KeyboardInterrupt:
         pass
     finally:
@@ -207,7 +288,11 @@ def run_up(
 
 
 async def _live(
-    journeys: tuple[Journey, ...], settings: Settings, children: list[Child], console: Console
+    journeys: tuple[Journey, ...],
+    settings: Settings,
+    children: list[Child],
+    console: Console,
+    prometheus_url: str | None = None,
 ) -> None:
     store = RedisStore(settings.redis_url, settings.dedupe_ttl_seconds)
     metrics_url = f"http://127.0.0.1:{settings.web_port}/metrics"
@@ -234,8 +319,13 @@ async def _live(
                     if samples is not None
                     else f"waiting for the worker ({now - started:.0f} s)…"
                 )
+                alerts = (
+                    await asyncio.to_thread(firing_alerts, prometheus_url)
+                    if prometheus_url
+                    else None
+                )
                 live.update(
-                    render(journeys, customers, samples, history, settings.channels, status)
+                    render(journeys, customers, samples, history, settings.channels, status, alerts)
                 )
                 await asyncio.sleep(1.0)
     finally:

@@ -213,3 +213,24 @@ def test_parse_incident_errors(text: str, message: str) -> None:
 def test_invalid_rate() -> None:
     with pytest.raises(ValueError, match="rate must be positive"):
         next(generate(random.Random(1), START, 0.0, 10.0))
+
+
+def _spans(events: list[dict[str, Any]]) -> list[float]:
+    """Seconds between each customer's first and last event."""
+    times: dict[str, list[float]] = {}
+    for e in events:
+        ts = datetime.fromisoformat(e["occurred_at"].replace("Z", "+00:00")).timestamp()
+        times.setdefault(e.get("customer_id") or e["anonymous_id"], []).append(ts)
+    return [max(t) - min(t) for t in times.values() if len(t) > 1]
+
+
+def test_time_scale_makes_customers_quicker_and_keeps_the_rest() -> None:
+    normal = list(generate(random.Random(5), START, 20.0, 600.0))
+    quick = list(generate(random.Random(5), START, 20.0, 600.0, time_scale=0.1))
+    mean = sum(_spans(normal)) / len(_spans(normal))
+    mean_quick = sum(_spans(quick)) / len(_spans(quick))
+    assert 0.05 < mean_quick / mean < 0.2
+    # Arrivals are not scaled: about the same number of events for the same period.
+    assert 0.8 < len(quick) / len(normal) < 1.25
+    with pytest.raises(ValueError, match="time_scale"):
+        next(generate(random.Random(5), START, 20.0, 10.0, time_scale=0))

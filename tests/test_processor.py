@@ -1,0 +1,169 @@
+"""The batch processor and the sweep against real Redis and chDB, without Kafka.
+
+Two processors stand for two workers of one group: they share Redis and
+ClickHouse, and the partitions they are told to sweep stand for ownership.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from pipeline import engine
+from pipeline.embedded import Service
+from pipeline.events import Event, Validator
+from pipeline.journeys import parse_journeys
+from pipeline.metrics import Metrics
+from pipeline.processor import BatchProcessor, RawMessage
+from pipeline.sinks.clickhouse import ClickHouseSink
+from pipeline.state.redis_store import RedisStore
+
+pytestmark = pytest.mark.services
+
+JOURNEYS = parse_journeys(
+    """\
+journeys:
+  - name: quick
+    stages:
+      - name: browse
+        events: [page_view]
+        max_dwell: 10s
+      - name: cart
+        events: [add_to_cart]
+        max_dwell: 10s
+      - name: bought
+        events: [order_completed]
+""",
+    "quick.yaml",
+)
+T0 = 1_780_000_000.0
+
+
+def event(
+    event_id: str,
+    event_type: str,
+    at: float,
+    customer: str | None = None,
+    device: str | None = None,
+    channel: str = "web",
+) -> bytes:
+    doc: dict[str, Any] = {
+        "event_id": event_id,
+        "occurred_at": datetime.fromtimestamp(T0 + at, UTC).isoformat(),
+        "channel": channel,
+        "event_type": event_type,
+        "schema_version": 1,
+    }
+    if customer:
+        doc["customer_id"] = customer
+    if device:
+        doc["anonymous_id"] = device
+    return orjson.dumps(doc)
+
+
+def processor(redis_url: str, sink: ClickHouseSink) -> BatchProcessor:
+    metrics = Metrics(lambda: iter(()))
+    store = RedisStore(redis_url, dedupe_ttl_seconds=3600)
+    return BatchProcessor(
+        Validator(), JOURNEYS, store, sink, metrics, 1.0, allowed_lateness_seconds=0.0
+    )
+
+
+def messages(values: list[bytes], partitions: int = 2) -> list[RawMessage]:
+    return [
+        RawMessage("journey.events", i % partitions, i, v, T0 + 1) for i, v in enumerate(values)
+    ]
+
+
+def kinds(transitions: list[Any]) -> Counter[str]:
+    return Counter(t.kind for t in transitions)
+
+
+async def test_new_owner_sweeps_what_the_old_one_left_and_nobody_drops_twice(
+    redis_service: Service, redis_client: redis.Redis, chdb_path: Path
+) -> None:
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    old, new = processor(redis_service.url, sink), processor(redis_service.url, sink)
+    values = [event(f"e{i}", "page_view", i * 0.1, customer=f"c{i}") for i in range(40)]
+    values += [event("late", "add_to_cart", 1.0, customer="c0")]
+    try:
+        result = await old.process(messages(values))
+        assert result.accepted == 41
+        # The newest event is at T0+3.9; nobody's deadline (entry + 10 s) is behind it yet.
+        assert await old.sweep([0, 1]) == []
+        # The old owner is gone; the clock runs on. Ownership moved: both sweep at once,
+        # as two workers briefly do during a rebalance.
+        redis_client.hset("jt:clock:0", "newest", T0 + 100)
+        redis_client.hset("jt:clock:1", "newest", T0 + 100)
+        first, second = await asyncio.gather(new.sweep([0, 1]), old.sweep([0, 1]))
+        dropped = first + second
+        assert kinds(dropped) == Counter({"dropped": 40})
+        assert len({t.customer for t in dropped}) == 40  # each once
+        assert await new.sweep([0, 1]) == []
+        assert await new.store.stage_customers([0, 1]) == {
+            ("quick", "browse"): 0,
+            ("quick", "cart"): 0,
+        }
+        assert await new.store.pending_deadlines([0, 1]) == 0
+
+        good = [d for d in (Validator().decode(v) for v in values) if isinstance(d, Event)]
+        expected = engine.replay(good, JOURNEYS, until=T0 + 100)
+        assert kinds(result.transitions + dropped) == expected.kinds()
+        rows = await sink.query(
+            "SELECT kind, count() FROM journey.transitions FINAL GROUP BY kind ORDER BY kind"
+        )
+        assert dict(rows) == dict(expected.kinds())
+    finally:
+        await old.store.close()
+        await new.store.close()
+        await sink.close()
+
+
+async def test_merges_across_partitions_keep_the_population_exact(
+    redis_service: Service, redis_client: redis.Redis, chdb_path: Path
+) -> None:
+    """A device's events on one partition, the customer's login on another, in parallel."""
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    a, b = processor(redis_service.url, sink), processor(redis_service.url, sink)
+    devices = [event(f"d{i}", "page_view", 0, device=f"dev{i}") for i in range(30)]
+    logins = [
+        event(f"l{i}", "add_to_cart", 1, customer=f"cust{i}", device=f"dev{i}") for i in range(30)
+    ]
+    later = [event(f"x{i}", "order_completed", 2, device=f"dev{i}") for i in range(0, 30, 3)]
+    try:
+        await a.process([RawMessage("journey.events", 0, i, v) for i, v in enumerate(devices)])
+        await asyncio.gather(
+            b.process([RawMessage("journey.events", 1, i, v) for i, v in enumerate(logins)]),
+            a.process([RawMessage("journey.events", 0, 100 + i, v) for i, v in enumerate(later)]),
+        )
+        good = [
+            d
+            for d in (Validator().decode(v) for v in devices + logins + later)
+            if isinstance(d, Event)
+        ]
+        assert len(good) == 70
+        counts = await a.store.stage_customers([0, 1])
+        # Each device merged into its customer: 30 people, each counted once. A later
+        # device event reaches the customer whether it lost the race to the login
+        # (applied to the device, then merged: the further stage wins) or won it.
+        assert {k: n for k, n in counts.items() if n} == {
+            ("quick", "cart"): 20,
+            ("quick", "bought"): 10,
+        }
+        expected = engine.replay(good, JOURNEYS)
+        assert Counter({k: n for k, n in counts.items() if n}) == expected.stage_customers()
+        for i in range(30):
+            assert redis_client.hget(f"jt:{{a:dev{i}}}:p", "l") == f"cust{i}".encode()
+    finally:
+        await a.store.close()
+        await b.store.close()
+        await sink.close()
