@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from pipeline import engine
+from pipeline.consistency import consistency_index
 from pipeline.embedded import Service, create_topics, free_port, start_kafka
 from pipeline.events import Event, Validator
 from pipeline.journeys import load_journeys
@@ -183,6 +184,23 @@ def check(samples: Samples, rows: dict[str, int], expected: engine.Reference) ->
     assert total(samples, "journey_stage_customers") == sum(population.values())
     for result, n in expected.outcome.merge_results.items():
         assert total(samples, "journey_identity_merges_total", result=result) == n, result
+    # The consistency gauge (every exit counts here: JOURNEY_CONSISTENCY_MIN_EXITS=1).
+    exits: dict[str, dict[str, tuple[int, int]]] = {}
+    for t in expected.outcome.transitions:
+        if t.kind in ("advanced", "dropped") and t.from_stage is not None:
+            advanced, n = exits.setdefault(t.from_stage, {}).get(t.channel, (0, 0))
+            exits[t.from_stage][t.channel] = (advanced + (t.kind == "advanced"), n + 1)
+    for stage in ("awareness", "consideration", "purchase", "retention", "advocacy"):
+        index = consistency_index(exits.get(stage, {}), min_exits=1)
+        key = (
+            "journey_cross_channel_consistency",
+            frozenset({("journey", "quick"), ("stage", stage)}),
+        )
+        if index is None:
+            assert key not in samples, stage
+        else:
+            assert samples[key] == pytest.approx(index, abs=1e-6), stage
+    assert any(k[0] == "journey_cross_channel_consistency" for k in samples)
 
 
 def test_dropoffs_reengagements_and_merges_match_the_reference_live_and_on_replay(
@@ -215,6 +233,8 @@ def test_dropoffs_reengagements_and_merges_match_the_reference_live_and_on_repla
         allowed_lateness_seconds=1.0,
         sweep_seconds=0.5,
         app_id="dropoff-live",
+        consistency_min_exits=1,
+        consistency_refresh_seconds=1.0,
     )
     sent = journey(settings, "send", str(path))
     assert sent.returncode == 0, sent.stderr
