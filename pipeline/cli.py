@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.journeys import JourneyFileError, load_journeys
-from pipeline.settings import EVENTS_TOPIC, Settings, SettingsError
+from pipeline.settings import EVENTS_TOPIC, Settings, SettingsError, redact_url
 
 console = Console(stderr=True)
 
@@ -243,8 +243,8 @@ def _reports_direct(settings: Settings, since: datetime, until: datetime) -> lis
         client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)
     except Exception as exc:
         raise click.ClickException(
-            f"cannot open ClickHouse at {settings.clickhouse_dsn}: {exc}. With embedded chDB, "
-            "stop the worker holding it or pass --worker-url."
+            f"cannot open ClickHouse at {redact_url(settings.clickhouse_dsn)}: {exc}. "
+            "With embedded chDB, stop the worker holding it or pass --worker-url."
         ) from exc
 
     from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -255,8 +255,8 @@ def _reports_direct(settings: Settings, since: datetime, until: datetime) -> lis
     except ClickHouseError as exc:
         # Most likely tables of a newer version: only the worker applies deploy/clickhouse/.
         raise click.ClickException(
-            f"ClickHouse at {settings.clickhouse_dsn} could not answer the report: {exc}. "
-            "If a table is missing, start a worker once: it creates the tables at start-up."
+            f"ClickHouse at {redact_url(settings.clickhouse_dsn)} could not answer the report: "
+            f"{exc}. If a table is missing, start a worker once: it creates the tables at start-up."
         ) from exc
     finally:
         client.close()

@@ -10,12 +10,25 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.events import DEFAULT_CHANNELS
 
 EVENTS_TOPIC = "journey.events"
 REJECTED_TOPIC = "journey.events.rejected"
 TRANSITIONS_TOPIC = "journey.transitions"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))
 
 
 class SettingsError(ValueError):

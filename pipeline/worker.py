@@ -32,7 +32,13 @@ from pipeline.report import (
     consistency,
     journey_report,
 )
-from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
+from pipeline.settings import (
+    EVENTS_TOPIC,
+    REJECTED_TOPIC,
+    TRANSITIONS_TOPIC,
+    Settings,
+    redact_url,
+)
 from pipeline.sinks.clickhouse import ClickHouseSink
 from pipeline.state.redis_store import RedisStore
 
@@ -89,8 +95,8 @@ class Runtime:
             log.info(
                 "worker ready: journeys %s, Redis %s, ClickHouse %s",
                 ", ".join(j.name for j in self.journeys),
-                self.settings.redis_url,
-                self.settings.clickhouse_dsn,
+                redact_url(self.settings.redis_url),
+                redact_url(self.settings.clickhouse_dsn),
             )
 
     async def refresh_consistency(self) -> None:

@@ -25,6 +25,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception_type, wait_exponential
 
 from pipeline.events import Event, Rejection
+from pipeline.settings import redact_url
 from pipeline.stages import Feedback, Handoff, Transition
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,9 @@ class ClickHouseSink:
     async def start(self, ddl_dir: Path = DDL_DIR) -> None:
         """Connect and apply every DDL file in order (they are idempotent)."""
         applied = await self._retrying("migrate", self._migrate, ddl_dir)
-        log.info("ClickHouse ready at %s (DDL applied: %s)", self.dsn, ", ".join(applied))
+        log.info(
+            "ClickHouse ready at %s (DDL applied: %s)", redact_url(self.dsn), ", ".join(applied)
+        )
 
     async def _retrying(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         async for attempt in AsyncRetrying(
