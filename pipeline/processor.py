@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from pipeline import engine
@@ -66,6 +67,16 @@ ENTRY_KINDS = frozenset({ENTERED, ADVANCED, REGRESSED, REENGAGED})
 EXIT_KINDS = frozenset({ADVANCED, DROPPED, REGRESSED})
 # How many past-deadline profiles one sweep step handles per partition.
 SWEEP_LIMIT = 500
+# An event stamped later than its arrival plus this does not move its partition's
+# clock further: a producer with a wrong clock must not drop everyone at once.
+CLOCK_SKEW_SECONDS = 5.0
+# Redis failures worth waiting for (down, restarting, loading its data). A script
+# or type error is a bug: retrying it would replay a half-applied script forever.
+TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +258,9 @@ class BatchProcessor:
                 computed.append(([p for p, _ in items], group_outcome))
             clocks: dict[int, float] = {}
             for p in fresh:
-                clocks[p.partition] = max(clocks.get(p.partition, p.event.ts), p.event.ts)
+                arrived = p.received_at if p.received_at is not None else time.time()
+                ts = min(p.event.ts, arrived + CLOCK_SKEW_SECONDS)
+                clocks[p.partition] = max(clocks.get(p.partition, ts), ts)
             conflicts = set(
                 await self._retrying("commit", partial(self.store.commit, commits, clocks))
             )
@@ -287,12 +300,18 @@ class BatchProcessor:
         writes = writes_for(loaded, slots, out.changed, home_if_new, self.journeys)
         return out, Commit(writes, [p.event.event_id for p, _ in items])
 
-    async def sweep(self, partitions: Iterable[int]) -> list[Transition]:
+    async def sweep(
+        self, partitions: Iterable[int], idle: Collection[int] = ()
+    ) -> list[Transition]:
         """Drop the customers of ``partitions`` whose deadline the partition clock passed.
 
-        The clock is the partition's newest event time, run on at wall-clock
-        rate since it arrived, minus the allowed lateness. A profile that
-        changed meanwhile is left for the next sweep (compare-and-set).
+        The watermark is the partition's newest event time minus the allowed
+        lateness. Only for ``idle`` partitions (consumed up to the end, nothing
+        waiting in Kafka) does the clock run on at wall-clock rate since the
+        newest event arrived: a partition with a backlog (after a restart, or
+        while a sink is down) must not drop customers whose next event is
+        still waiting. A profile that changed meanwhile is left for the next
+        sweep (compare-and-set).
         """
         parts = list(partitions)
         if not parts:
@@ -302,7 +321,8 @@ class BatchProcessor:
         clocks = await self._retrying("clocks", partial(self.store.clocks, parts))
         outcome = Outcome()
         for partition, clock in clocks.items():
-            watermark = clock.now(server_now) - self.allowed_lateness_seconds
+            now = clock.now(server_now) if partition in idle else clock.newest
+            watermark = now - self.allowed_lateness_seconds
             refs = await self._retrying(
                 "due", partial(self.store.due, partition, watermark, SWEEP_LIMIT)
             )
@@ -339,13 +359,13 @@ class BatchProcessor:
         """Retry a Redis call until it succeeds: the agent waits, so consumption stops."""
         async for attempt in AsyncRetrying(
             wait=wait_exponential(multiplier=0.2, max=self.retry_max_seconds),
-            retry=retry_if_exception_type((RedisError, OSError)),
+            retry=retry_if_exception_type(TRANSIENT_REDIS_ERRORS),
             reraise=True,
         ):
             with attempt:
                 try:
                     return await call()
-                except (RedisError, OSError) as exc:
+                except TRANSIENT_REDIS_ERRORS as exc:
                     self.metrics.sink_errors.labels("redis", what).inc()
                     log.warning("Redis %s failed (%s: %s); retrying", what, type(exc).__name__, exc)
                     raise

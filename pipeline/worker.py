@@ -216,7 +216,8 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
         if not runtime.ready.is_set():
             return
         try:
-            dropped = await runtime.processor.sweep(owned())
+            partitions = owned()
+            dropped = await runtime.processor.sweep(partitions, await _idle(app, partitions))
         except Exception:
             log.exception("drop-off sweep failed; the next one retries")
             return
@@ -270,9 +271,9 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
     return app
 
 
-async def _consumer_lag(app: faust.App) -> int:
-    """Messages not consumed yet on the owned partitions (0 when the broker cannot say)."""
-    lag = 0
+async def _lags(app: faust.App) -> dict[int, int]:
+    """Messages not consumed yet per owned partition; absent while the broker cannot say."""
+    lags: dict[int, int] = {}
     consumer = app.consumer
     for tp in consumer.assignment():
         if tp.topic != EVENTS_TOPIC:
@@ -283,8 +284,17 @@ async def _consumer_lag(app: faust.App) -> int:
         except Exception:  # not fetched yet, or rebalancing
             continue
         if highwater is not None and position is not None:
-            lag += max(0, int(highwater) - int(position))
-    return lag
+            lags[tp.partition] = int(highwater) - int(position)
+    return lags
+
+
+async def _consumer_lag(app: faust.App) -> int:
+    return sum(max(0, lag) for lag in (await _lags(app)).values())
+
+
+async def _idle(app: faust.App, partitions: set[int]) -> set[int]:
+    """Owned partitions consumed to the end: only their clocks may run on with wall time."""
+    return {p for p, lag in (await _lags(app)).items() if lag <= 0 and p in partitions}
 
 
 def _parse_time(raw: str | None, default: datetime) -> datetime:

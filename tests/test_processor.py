@@ -7,6 +7,7 @@ ClickHouse, and the partitions they are told to sweep stand for ownership.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -166,4 +167,98 @@ async def test_merges_across_partitions_keep_the_population_exact(
     finally:
         await a.store.close()
         await b.store.close()
+        await sink.close()
+
+
+class LosesFirstReply(RedisStore):
+    """A commit that runs on the server but whose reply is lost, as in a dropped connection."""
+
+    lost = 0
+
+    async def commit(self, commits: Any, clocks: Any = None) -> list[int]:
+        result = await super().commit(commits, clocks)
+        if commits and not self.lost:
+            self.lost += 1
+            raise redis.exceptions.ConnectionError("connection reset by peer (test)")
+        return result
+
+
+async def test_a_commit_retried_after_a_lost_reply_is_not_a_duplicate(
+    redis_service: Service, redis_client: redis.Redis, chdb_path: Path
+) -> None:
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    p = processor(redis_service.url, sink)
+    p.store = LosesFirstReply(redis_service.url, dedupe_ttl_seconds=3600)
+    try:
+        result = await p.process(messages([event("e1", "page_view", 0, customer="c1")]))
+        assert p.store.lost == 1
+        assert (result.accepted, result.duplicates) == (1, 0)
+        assert kinds(result.transitions) == Counter({"entered": 1})
+        assert redis_client.hget("jt:{c:c1}:p", "v") == b"1"
+        rows = await sink.query("SELECT count() FROM journey.events FINAL")
+        assert rows == [(1,)]
+    finally:
+        await p.store.close()
+        await sink.close()
+
+
+async def test_a_backlogged_partition_does_not_run_its_clock_on(
+    redis_service: Service, redis_client: redis.Redis, chdb_path: Path
+) -> None:
+    """After downtime the clock stands still until the partition has caught up."""
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    p = processor(redis_service.url, sink)
+    try:
+        await p.process(messages([event("e1", "page_view", 0, customer="c1")], partitions=1))
+        # As if the worker had been down for ten minutes since that event arrived.
+        seen = float(redis_client.hget("jt:clock:0", "seen") or 0)
+        redis_client.hset("jt:clock:0", "seen", seen - 600)
+        assert await p.sweep([0], idle=()) == []
+        assert kinds(await p.sweep([0], idle={0})) == Counter({"dropped": 1})
+    finally:
+        await p.store.close()
+        await sink.close()
+
+
+async def test_a_clock_from_the_future_is_capped_and_a_corrupt_profile_starts_afresh(
+    redis_service: Service, redis_client: redis.Redis, chdb_path: Path
+) -> None:
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    p = processor(redis_service.url, sink)
+    redis_client.hset("jt:{c:broken}:p", mapping={"v": 3, "d": b"{not json", "h": 0})
+    try:
+        now = time.time()
+        future = datetime.fromtimestamp(now + 23 * 3600, UTC).isoformat()
+        skewed = orjson.dumps(
+            {
+                "event_id": "f1",
+                "occurred_at": future,
+                "customer_id": "c-skewed",
+                "channel": "app",
+                "event_type": "page_view",
+                "schema_version": 1,
+            }
+        )
+        broken = orjson.dumps(
+            {
+                "event_id": "b1",
+                "occurred_at": datetime.fromtimestamp(now, UTC).isoformat(),
+                "customer_id": "broken",
+                "channel": "web",
+                "event_type": "page_view",
+                "schema_version": 1,
+            }
+        )
+        result = await p.process([RawMessage("journey.events", 0, 0, skewed, now)])
+        assert result.accepted == 1  # accepted (within the day the validator allows)...
+        newest = float(redis_client.hget("jt:clock:0", "newest") or 0)
+        assert newest <= now + 6  # ...but it does not drag the clock a day ahead
+        result = await p.process([RawMessage("journey.events", 0, 1, broken, now)])
+        assert kinds(result.transitions) == Counter({"entered": 1})
+        assert redis_client.hget("jt:{c:broken}:p", "v") == b"4"
+    finally:
+        await p.store.close()
         await sink.close()

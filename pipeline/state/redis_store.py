@@ -35,6 +35,8 @@ owner after a rebalance picks up exactly where the old one stopped.
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,13 +48,18 @@ from pipeline.engine import Slot
 from pipeline.identity import Ref, anonymous
 from pipeline.stages import Profile
 
+log = logging.getLogger(__name__)
+
 FIELD_SEP = "\x1f"
 
 # KEYS: every key touched. ARGV[1]: JSON plan of groups (indexes into KEYS),
 # ARGV[2]: mark TTL, ARGV[3]: partition clocks [[key, newest event time], ...].
 # Absent JSON fields mean "none" (cjson turns null into a truthy userdata).
 # Returns the plan indexes of groups that raced: a version had moved, or one
-# of their events was marked meanwhile. Nothing is written for those.
+# of their events was marked meanwhile. Nothing is written for those. A group
+# whose profiles all carry its token already ran (the reply to an earlier try
+# of this same call was lost): it counts as applied, not as a conflict, so a
+# retry after a dropped connection does not turn the batch into duplicates.
 CAS_APPLY = """
 local plan = cjson.decode(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -62,9 +69,14 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local conflicts = {}
 for i, g in ipairs(plan) do
   local clean = true
+  local applied = #g.w > 0
   for _, w in ipairs(g.w) do
-    if tonumber(redis.call('HGET', KEYS[w.k], 'v') or '0') ~= w.v then
+    local current = redis.call('HMGET', KEYS[w.k], 'v', 't')
+    if tonumber(current[1] or '0') ~= w.v then
       clean = false
+    end
+    if current[2] ~= g.t then
+      applied = false
     end
   end
   if clean then
@@ -75,11 +87,13 @@ for i, g in ipairs(plan) do
     end
   end
   if not clean then
-    table.insert(conflicts, i)
+    if not applied then
+      table.insert(conflicts, i)
+    end
   else
     for _, w in ipairs(g.w) do
       local key = KEYS[w.k]
-      redis.call('HSET', key, 'v', w.v + 1, 'h', w.h)
+      redis.call('HSET', key, 'v', w.v + 1, 'h', w.h, 't', g.t)
       if w.d then
         redis.call('HSET', key, 'd', w.d)
       else
@@ -158,10 +172,14 @@ class Write:
 
 @dataclass
 class Commit:
-    """Writes that stand or fall together: one group of a batch, or one swept profile."""
+    """Writes that stand or fall together: one group of a batch, or one swept profile.
+
+    ``token`` tells a retried call that this commit already ran.
+    """
 
     writes: list[Write]
     event_ids: list[str] = field(default_factory=list)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -173,6 +191,25 @@ class Clock:
 
     def now(self, server_time: float) -> float:
         return self.newest + max(0.0, server_time - self.seen)
+
+
+def _decode(ref: Ref, data: bytes) -> Profile | None:
+    """A stored profile; one that cannot be read starts afresh rather than stopping the worker.
+
+    Nothing this version writes is unreadable; this guards against a hand edit
+    or another program writing under our prefix. The next write replaces it.
+    """
+    try:
+        return Profile.from_json(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.error(
+            "profile %s in Redis is unreadable (%s: %s); starting it afresh: its next event "
+            "re-enters it, and its stage counts may be off by one until then",
+            profile_key(ref),
+            type(exc).__name__,
+            exc,
+        )
+        return None
 
 
 class RedisStore:
@@ -197,7 +234,7 @@ class RedisStore:
         results = await pipe.execute()
         loaded: dict[Ref, Loaded] = {}
         for ref, (version, data, home, linked) in zip(wanted, results, strict=False):
-            profile = None if data is None else Profile.from_json(data)
+            profile = None if data is None else _decode(ref, data)
             loaded[ref] = Loaded(
                 Slot(profile, None if linked is None else linked.decode()),
                 0 if version is None else int(version),
@@ -250,7 +287,8 @@ class RedisStore:
                     for (j, s), d in w.deltas.items()
                     if d
                 )
-            plan.append({"w": writes, "m": [k(mark_key(e)) for e in commit.event_ids], "c": counts})
+            marks = [k(mark_key(e)) for e in commit.event_ids]
+            plan.append({"w": writes, "m": marks, "c": counts, "t": commit.token})
         clock_plan = [[k(clock_key(p)), repr(float(ts))] for p, ts in (clocks or {}).items()]
         conflicts = await self._cas(
             keys=keys,
