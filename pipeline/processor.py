@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -179,6 +179,8 @@ class BatchProcessor:
         # Newest event time per partition seen by this process: only for
         # counting late events (the clock that drives drop-off is in Redis).
         self._newest: dict[int, float] = {}
+        # Devices already warned about, so one shared device cannot flood the log.
+        self._warned: OrderedDict[str, None] = OrderedDict()
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
         started = time.monotonic()
@@ -288,10 +290,11 @@ class BatchProcessor:
             home_if_new.setdefault(r.target, p.partition)
             if r.absorb is not None:
                 home_if_new.setdefault(r.absorb, p.partition)
-            if r.result == REFUSED_CLAIMED:
+            if r.result == REFUSED_CLAIMED and self._first_claim_warning(p.event.anonymous_id):
                 log.warning(
                     "event %s: anonymous id %r already belongs to another customer; "
-                    "not linking it to %r (first claim wins)",
+                    "not linking it to %r (first claim wins; counted in "
+                    'journey_identity_merges_total{result="claimed"}, logged once per device)',
                     p.event.event_id,
                     p.event.anonymous_id,
                     r.target.id,
@@ -299,6 +302,16 @@ class BatchProcessor:
         out = engine.run_events(slots, [(p.event, r) for p, r in items], self.journeys)
         writes = writes_for(loaded, slots, out.changed, home_if_new, self.journeys)
         return out, Commit(writes, [p.event.event_id for p, _ in items])
+
+    def _first_claim_warning(self, anonymous_id: str | None) -> bool:
+        """True the first time (within the last 10,000 devices) a device's claim is refused."""
+        key = anonymous_id or ""
+        if key in self._warned:
+            return False
+        self._warned[key] = None
+        if len(self._warned) > 10_000:
+            self._warned.popitem(last=False)
+        return True
 
     async def sweep(
         self, partitions: Iterable[int], idle: Collection[int] = ()
