@@ -360,6 +360,24 @@ def up(
 @click.option(
     "--min-exits", default=20, show_default=True, help="Exits a channel needs to be judged."
 )
+@click.option(
+    "--customer-for",
+    default="5m",
+    show_default=True,
+    help="How long a customer condition must hold before its alert fires.",
+)
+@click.option(
+    "--pipeline-for",
+    default="2m",
+    show_default=True,
+    help="How long a pipeline condition must hold before its alert fires.",
+)
+@click.option(
+    "--rehearsal",
+    is_flag=True,
+    help="The windows `journey up --rehearse` uses (seconds, not minutes); overrides the "
+    "window, --*-for and --min-exits options. Pair with a journey whose max_dwell is seconds.",
+)
 def rules(
     journeys_file: Path | None,
     output: Path | None,
@@ -367,6 +385,9 @@ def rules(
     long_window: str,
     baseline_window: str,
     min_exits: int,
+    customer_for: str,
+    pipeline_for: str,
+    rehearsal: bool,
 ) -> None:
     """Generate the Prometheus recording and alert rules for the journeys.
 
@@ -374,13 +395,23 @@ def rules(
     file. The committed deploy/prometheus/rules/journey.rules.yml is this
     command's output for the built-in journey: regenerate it, never edit it.
     """
+    from pipeline import rehearsal as rehearsal_settings
     from pipeline.alerting import RuleWindows, render_rules
 
     try:
         path = journeys_file if journeys_file is not None else _settings().journeys_path
         journeys = load_journeys(path)
-        windows = RuleWindows(
-            short=short_window, long=long_window, baseline=baseline_window, min_exits=min_exits
+        windows = (
+            rehearsal_settings.WINDOWS
+            if rehearsal
+            else RuleWindows(
+                short=short_window,
+                long=long_window,
+                baseline=baseline_window,
+                min_exits=min_exits,
+                customer_for=customer_for,
+                pipeline_for=pipeline_for,
+            )
         )
     except ValueError as exc:  # JourneyFileError is one
         raise click.ClickException(str(exc)) from exc

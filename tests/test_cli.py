@@ -62,3 +62,19 @@ def test_fast_simulation_needs_a_duration() -> None:
     result = CliRunner().invoke(cli, ["simulate", "--fast"])
     assert result.exit_code == 2
     assert "--fast needs --duration" in result.output
+
+
+def test_rules_rehearsal_preset_and_for_durations() -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    runner = CliRunner()
+    rehearsal = runner.invoke(cli, ["rules", "--rehearsal"])
+    assert rehearsal.exit_code == 0, rehearsal.output
+    assert "[30s]" in rehearsal.output and "[5m]" not in rehearsal.output
+    custom = runner.invoke(cli, ["rules", "--customer-for", "1m", "--pipeline-for", "30s"])
+    assert custom.exit_code == 0, custom.output
+    assert "for: 1m" in custom.output and "for: 30s" in custom.output
+    bad = runner.invoke(cli, ["rules", "--customer-for", "soon"])
+    assert bad.exit_code != 0 and "not a Prometheus duration" in bad.output
