@@ -202,6 +202,11 @@ class Metrics:
             "The newest partition event-time clock this worker sees (runs on while idle)",
             registry=r,
         )
+        self.outbox_recovered = Counter(
+            "journey_outbox_recovered",
+            "Batches whose rows and messages a stopped worker left owing, written out here",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "journey_consumer_lag_messages",
             "Messages on this worker's partitions not consumed yet",

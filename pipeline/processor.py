@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
+from aiokafka.errors import KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
@@ -36,8 +38,10 @@ from pipeline.identity import (
 )
 from pipeline.journeys import Journey
 from pipeline.metrics import Metrics
+from pipeline.settings import REJECTED_TOPIC, TRANSITIONS_TOPIC
 from pipeline.sinks.clickhouse import (
     ClickHouseSink,
+    decode_rows,
     event_row,
     feedback_row,
     handoff_row,
@@ -70,6 +74,9 @@ SWEEP_LIMIT = 500
 # An event stamped later than its arrival plus this does not move its partition's
 # clock further: a producer with a wrong clock must not drop everyone at once.
 CLOCK_SKEW_SECONDS = 5.0
+# An outbox entry older than this whose batch is not in flight here was left by
+# a worker that died (or lost the partition) before its rows and messages were out.
+RECOVER_AFTER_SECONDS = 5.0
 # Redis failures worth waiting for (down, restarting, loading its data). A script
 # or type error is a bug: retrying it would replay a half-applied script forever.
 TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
@@ -100,7 +107,21 @@ class BatchResult:
 class _Pending:
     event: Event
     partition: int
+    offset: int
     received_at: float | None
+
+    @property
+    def position(self) -> str:
+        return f"{self.partition}:{self.offset}"
+
+
+# (topic, key, value) for Kafka
+OutMessage = tuple[str, bytes | None, bytes]
+Publisher = Callable[[Sequence[OutMessage]], Awaitable[None]]
+
+
+async def _publish_nowhere(messages: Sequence[OutMessage]) -> None:
+    """For tests and tools that run the processor without Kafka."""
 
 
 def stage_deltas(before: Profile | None, after: Profile | None) -> dict[tuple[str, str], int]:
@@ -168,7 +189,11 @@ class BatchProcessor:
         metrics: Metrics,
         retry_max_seconds: float = 30.0,
         allowed_lateness_seconds: float = 60.0,
+        publish: Publisher = _publish_nowhere,
     ) -> None:
+        self.publish = publish
+        # Outbox entries of batches this process is still writing out.
+        self._in_flight: set[str] = set()
         self.retry_max_seconds = retry_max_seconds
         self.allowed_lateness_seconds = allowed_lateness_seconds
         self.validator = validator
@@ -199,19 +224,30 @@ class BatchProcessor:
                 repeated.append(decoded)
             else:
                 in_batch.add(decoded.event_id)
-                pending.append(_Pending(decoded, message.partition, message.timestamp))
+                pending.append(
+                    _Pending(decoded, message.partition, message.offset, message.timestamp)
+                )
         decoded_at = time.monotonic()
 
-        outcome, applied, duplicates = await self._apply_to_state(pending)
+        rejected_rows = [
+            rejected_row(r, m.topic, m.partition, m.offset, now) for m, r in result.rejected
+        ]
+        dead = [(REJECTED_TOPIC, None, rejected_message(m, r, now)) for m, r in result.rejected]
+        own: tuple[int, str, bytes] | None = None
+        if result.rejected:
+            token = uuid.uuid4().hex
+            payload = _payload(now, {"rejected": rejected_rows}, dead)
+            own = (result.rejected[0][0].partition, token, payload)
+        outcome, applied, duplicates, tokens = await self._apply_to_state(pending, now, own)
         stored_at = time.monotonic()
 
         self.sink.add_events([event_row(p.event, now) for p in applied])
         self._add_outcome(outcome)
-        self.sink.add_rejected(
-            [rejected_row(r, m.topic, m.partition, m.offset, now) for m, r in result.rejected]
-        )
+        self.sink.add_rejected(rejected_rows)
         await self.sink.flush()
         flushed_at = time.monotonic()
+        await self._publish([*_transition_messages(outcome.transitions), *dead])
+        await self._done(tokens)
 
         result.transitions = outcome.transitions
         result.accepted = len(applied)
@@ -228,18 +264,33 @@ class BatchProcessor:
         return result
 
     async def _apply_to_state(
-        self, pending: list[_Pending]
-    ) -> tuple[Outcome, list[_Pending], list[Event]]:
-        """Read, resolve, compute, compare-and-set; recompute the groups that raced."""
+        self, pending: list[_Pending], now: float, own: tuple[int, str, bytes] | None
+    ) -> tuple[Outcome, list[_Pending], list[Event], list[tuple[int, str]]]:
+        """Read, resolve, compute, compare-and-set; recompute the groups that raced.
+
+        Returns what was applied, the duplicates, and the outbox entries written
+        (to forget once their rows and messages are out). ``own`` is the batch's
+        own outbox entry (its dead letters), written with the first commit.
+        """
         outcome = Outcome()
         applied: list[_Pending] = []
         duplicates: list[Event] = []
-        while pending:
+        tokens: list[tuple[int, str]] = []
+        if own is not None:
+            self._in_flight.add(own[1])
+            tokens.append((own[0], own[1]))
+        while pending or own is not None:
             named = [r for p in pending for r in _refs_named(p.event)]
             ids = [p.event.event_id for p in pending]
             loaded, seen = await self._retrying("load", partial(self.store.load, named, ids))
+            # A message that finds its own position in the mark was applied before a
+            # crash or restart (its offset was not committed yet): skip it, uncounted.
             fresh = [p for p in pending if p.event.event_id not in seen]
-            duplicates.extend(p.event for p in pending if p.event.event_id in seen)
+            duplicates.extend(
+                p.event
+                for p in pending
+                if p.event.event_id in seen and seen[p.event.event_id] != p.position
+            )
             links = {
                 ref.id: lo.slot.linked_to
                 for ref, lo in loaded.items()
@@ -255,33 +306,38 @@ class BatchProcessor:
             computed: list[tuple[list[_Pending], Outcome]] = []
             for indexes in groups(resolution.events):
                 items = [(fresh[i], resolution.events[i]) for i in indexes]
-                group_outcome, commit = self._compute(items, loaded)
+                group_outcome, commit = self._compute(items, loaded, now)
                 commits.append(commit)
                 computed.append(([p for p, _ in items], group_outcome))
+                self._in_flight.add(commit.token)
             clocks: dict[int, float] = {}
             for p in fresh:
                 arrived = p.received_at if p.received_at is not None else time.time()
                 ts = min(p.event.ts, arrived + CLOCK_SKEW_SECONDS)
                 clocks[p.partition] = max(clocks.get(p.partition, ts), ts)
             conflicts = set(
-                await self._retrying("commit", partial(self.store.commit, commits, clocks))
+                await self._retrying("commit", partial(self.store.commit, commits, clocks, own))
             )
+            own = None
             retry: list[_Pending] = []
             for i, (members, group_outcome) in enumerate(computed):
                 if i in conflicts:
+                    self._in_flight.discard(commits[i].token)
                     retry.extend(members)
                     continue
                 applied.extend(members)
                 _extend(outcome, group_outcome)
+                if commits[i].outbox is not None:
+                    tokens.append((members[0].partition, commits[i].token))
             if conflicts:
                 self.metrics.cas_conflicts.inc(len(conflicts))
                 log.info("%d groups of profiles changed concurrently; recomputing", len(conflicts))
             retry_ids = {id(p) for p in retry}
             pending = [p for p in fresh if id(p) in retry_ids]
-        return outcome, applied, duplicates
+        return outcome, applied, duplicates, tokens
 
     def _compute(
-        self, items: list[tuple[_Pending, Resolved]], loaded: dict[Ref, Loaded]
+        self, items: list[tuple[_Pending, Resolved]], loaded: dict[Ref, Loaded], now: float
     ) -> tuple[Outcome, Commit]:
         refs = {r.target for _, r in items} | {r.absorb for _, r in items if r.absorb}
         slots = {ref: Slot(loaded[ref].slot.profile, loaded[ref].slot.linked_to) for ref in refs}
@@ -292,7 +348,7 @@ class BatchProcessor:
                 home_if_new.setdefault(r.absorb, p.partition)
             if r.result == REFUSED_CLAIMED and self._first_claim_warning(p.event.anonymous_id):
                 log.warning(
-                    "event %s: anonymous id %r already belongs to another customer; "
+                    "event %r: anonymous id %r already belongs to another customer; "
                     "not linking it to %r (first claim wins; counted in "
                     'journey_identity_merges_total{result="claimed"}, logged once per device)',
                     p.event.event_id,
@@ -301,7 +357,13 @@ class BatchProcessor:
                 )
         out = engine.run_events(slots, [(p.event, r) for p, r in items], self.journeys)
         writes = writes_for(loaded, slots, out.changed, home_if_new, self.journeys)
-        return out, Commit(writes, [p.event.event_id for p, _ in items])
+        rows = {**_outcome_rows(out), "events": [event_row(p.event, now) for p, _ in items]}
+        payload = _payload(now, rows, _transition_messages(out.transitions))
+        return out, Commit(
+            writes,
+            {p.event.event_id: p.position for p, _ in items},
+            outbox=(items[0][0].partition, payload),
+        )
 
     def _first_claim_warning(self, anonymous_id: str | None) -> bool:
         """True the first time (within the last 10,000 devices) a device's claim is refused."""
@@ -333,6 +395,7 @@ class BatchProcessor:
         server_now = await self._retrying("time", self.store.server_time)
         clocks = await self._retrying("clocks", partial(self.store.clocks, parts))
         outcome = Outcome()
+        tokens: list[tuple[int, str]] = []
         for partition, clock in clocks.items():
             now = clock.now(server_now) if partition in idle else clock.newest
             watermark = now - self.allowed_lateness_seconds
@@ -344,29 +407,104 @@ class BatchProcessor:
             loaded, _ = await self._retrying("load", partial(self.store.load, refs))
             commits: list[Commit] = []
             results: list[list[Transition]] = []
+            wall = time.time()
             for ref in refs:
                 slots = {ref: Slot(loaded[ref].slot.profile, loaded[ref].slot.linked_to)}
                 dropped = engine.sweep(slots, [ref], self.journeys, watermark)
                 writes = writes_for(loaded, slots, [ref], {ref: partition}, self.journeys)
-                commits.append(Commit(writes))
+                payload = _payload(
+                    wall,
+                    {"transitions": [transition_row(t) for t in dropped]},
+                    _transition_messages(dropped),
+                )
+                commit = Commit(writes, outbox=(partition, payload) if dropped else None)
+                self._in_flight.add(commit.token)
+                commits.append(commit)
                 results.append(dropped)
             conflicts = set(await self._retrying("commit", partial(self.store.commit, commits)))
             for i, dropped in enumerate(results):
-                if i not in conflicts:
-                    outcome.transitions.extend(dropped)
+                if i in conflicts:
+                    self._in_flight.discard(commits[i].token)
+                    continue
+                outcome.transitions.extend(dropped)
+                if commits[i].outbox is not None:
+                    tokens.append((partition, commits[i].token))
+                else:
+                    self._in_flight.discard(commits[i].token)
         if clocks:
             self.metrics.event_clock.set(max(c.now(server_now) for c in clocks.values()))
         if outcome.transitions:
             self._add_outcome(outcome)
             await self.sink.flush()
+            await self._publish(_transition_messages(outcome.transitions))
             self.count_outcome(outcome)
+        await self._done(tokens)
         self.metrics.sweep_seconds.observe(time.monotonic() - started)
         return outcome.transitions
 
+    async def recover(self, partitions: Iterable[int]) -> int:
+        """Write out what a worker that died left in the outboxes of ``partitions``.
+
+        Its state was committed with the outbox entry, so its rows and messages
+        are owed: ClickHouse collapses rows already there (ReplacingMergeTree),
+        and a transition or dead letter may reach Kafka twice. Returns how many
+        entries were written out.
+        """
+        recovered: list[tuple[int, str]] = []
+        wall = time.time()
+        for partition in partitions:
+            entries = await self._retrying("outbox", partial(self.store.outbox, partition))
+            for token, payload in entries.items():
+                if token in self._in_flight:
+                    continue
+                doc = orjson.loads(payload)
+                if wall - float(doc["at"]) < RECOVER_AFTER_SECONDS:
+                    continue  # may still be on its way out from another worker
+                self.sink.add_rows(decode_rows(doc["rows"]))
+                await self.sink.flush()
+                await self._publish(
+                    [
+                        (topic, None if key is None else key.encode(), value.encode())
+                        for topic, key, value in doc["messages"]
+                    ]
+                )
+                recovered.append((partition, token))
+        if recovered:
+            await self._retrying("outbox", partial(self.store.outbox_done, recovered))
+            self.metrics.outbox_recovered.inc(len(recovered))
+            log.warning(
+                "wrote out %d batches left unfinished by a stopped worker (partitions %s)",
+                len(recovered),
+                ", ".join(str(p) for p in sorted({p for p, _ in recovered})),
+            )
+        return len(recovered)
+
+    async def _publish(self, messages: Sequence[OutMessage]) -> None:
+        """Publish, retrying while the broker is away: the outbox entry waits meanwhile."""
+        if not messages:
+            return
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential(multiplier=0.2, max=self.retry_max_seconds),
+            retry=retry_if_exception_type((KafkaError, OSError)),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    await self.publish(messages)
+                except (KafkaError, OSError) as exc:
+                    self.metrics.sink_errors.labels("kafka", "publish").inc()
+                    log.warning("Kafka publish failed (%s: %s); retrying", type(exc).__name__, exc)
+                    raise
+
+    async def _done(self, tokens: list[tuple[int, str]]) -> None:
+        """Forget outbox entries whose rows are in ClickHouse and messages in Kafka."""
+        if tokens:
+            await self._retrying("outbox", partial(self.store.outbox_done, tokens))
+        for _, token in tokens:
+            self._in_flight.discard(token)
+
     def _add_outcome(self, outcome: Outcome) -> None:
-        self.sink.add_transitions([transition_row(t) for t in outcome.transitions])
-        self.sink.add_handoffs([handoff_row(h) for h in outcome.handoffs])
-        self.sink.add_feedback([feedback_row(f) for f in outcome.feedback])
+        self.sink.add_rows(_outcome_rows(outcome))
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[R]]) -> R:
         """Retry a Redis call until it succeeds: the agent waits, so consumption stops."""
@@ -431,6 +569,32 @@ class BatchProcessor:
             m.handoffs.labels(h.journey, h.from_channel, h.to_channel).inc()
         for result, n in outcome.merge_results.items():
             m.merges.labels(result).inc(n)
+
+
+def _outcome_rows(outcome: Outcome) -> dict[str, list[list[Any]]]:
+    return {
+        "transitions": [transition_row(t) for t in outcome.transitions],
+        "handoffs": [handoff_row(h) for h in outcome.handoffs],
+        "feedback": [feedback_row(f) for f in outcome.feedback],
+    }
+
+
+def _transition_messages(transitions: Iterable[Transition]) -> list[OutMessage]:
+    return [(TRANSITIONS_TOPIC, t.customer.encode(), transition_message(t)) for t in transitions]
+
+
+def _payload(at: float, rows: dict[str, list[list[Any]]], messages: Sequence[OutMessage]) -> bytes:
+    """An outbox entry: the rows and messages owed once the state is committed."""
+    return orjson.dumps(
+        {
+            "at": at,
+            "rows": {table: r for table, r in rows.items() if r},
+            "messages": [
+                [topic, None if key is None else key.decode(), value.decode()]
+                for topic, key, value in messages
+            ],
+        }
+    )
 
 
 def _extend(into: Outcome, more: Outcome) -> None:

@@ -86,6 +86,9 @@ class Settings:
     consistency_window_seconds: float = 3600.0
     consistency_min_exits: int = 20
     consistency_refresh_seconds: float = 10.0
+    # How long the broker waits for a silent worker before giving its partitions
+    # to the others: the gap in processing after a worker dies.
+    session_timeout_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -120,6 +123,9 @@ class Settings:
             consistency_refresh_seconds=_float(
                 env, "JOURNEY_CONSISTENCY_REFRESH_SECONDS", cls.consistency_refresh_seconds
             ),
+            session_timeout_seconds=_float(
+                env, "JOURNEY_SESSION_TIMEOUT_SECONDS", cls.session_timeout_seconds
+            ),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -141,6 +147,7 @@ class Settings:
             "JOURNEY_CONSISTENCY_WINDOW_SECONDS": str(self.consistency_window_seconds),
             "JOURNEY_CONSISTENCY_MIN_EXITS": str(self.consistency_min_exits),
             "JOURNEY_CONSISTENCY_REFRESH_SECONDS": str(self.consistency_refresh_seconds),
+            "JOURNEY_SESSION_TIMEOUT_SECONDS": str(self.session_timeout_seconds),
         }
         if self.journeys_path is not None:
             env["JOURNEY_JOURNEYS"] = str(self.journeys_path)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pipeline.events import Validator
 from pipeline.journeys import Journey, load_journeys
 from pipeline.metrics import Metrics
-from pipeline.processor import BatchProcessor, RawMessage, rejected_message, transition_message
+from pipeline.processor import BatchProcessor, OutMessage, RawMessage
 from pipeline.report import (
     REPORT_END,
     REPORT_START,
@@ -138,6 +138,8 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
         consumer_auto_offset_reset="earliest",
         topic_disable_leader=True,
         producer_acks=-1,
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_seconds / 3),
         key_serializer="raw",
         value_serializer="raw",
     )
@@ -145,6 +147,15 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
     events = app.topic(EVENTS_TOPIC, key_serializer="raw", value_serializer="raw")
     rejected = app.topic(REJECTED_TOPIC, key_serializer="raw", value_serializer="raw")
     transitions = app.topic(TRANSITIONS_TOPIC, key_serializer="raw", value_serializer="raw")
+    topics = {REJECTED_TOPIC: rejected, TRANSITIONS_TOPIC: transitions}
+
+    async def publish(messages: Sequence[OutMessage]) -> None:
+        """Send and wait for the broker's acks: the outbox entry is forgotten only after."""
+        pending = [await topics[topic].send(key=key, value=value) for topic, key, value in messages]
+        for future in pending:
+            await future
+
+    runtime.processor.publish = publish
 
     @app.agent(events, concurrency=1)
     async def process(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
@@ -164,7 +175,7 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
                 for e in batch
             ]
             try:
-                result = await runtime.processor.process(messages)
+                await runtime.processor.process(messages)
             except Exception:
                 # Adapters retry service errors themselves, so this is a bug. Faust
                 # would ack the batch if the agent raised; exiting at once instead
@@ -178,12 +189,7 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
                 )
                 logging.shutdown()
                 os._exit(70)
-            received_at = time.time()
-            for t in result.transitions:
-                await transitions.send(key=t.customer.encode(), value=transition_message(t))
-            for message, rejection in result.rejected:
-                await rejected.send(value=rejected_message(message, rejection, received_at))
-            runtime.last_batch_at = received_at
+            runtime.last_batch_at = time.time()
             yield None
 
     def owned() -> set[int]:
@@ -217,12 +223,10 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
             return
         try:
             partitions = owned()
-            dropped = await runtime.processor.sweep(partitions, await _idle(app, partitions))
+            await runtime.processor.recover(partitions)
+            await runtime.processor.sweep(partitions, await _idle(app, partitions))
         except Exception:
             log.exception("drop-off sweep failed; the next one retries")
-            return
-        for t in dropped:
-            await transitions.send(key=t.customer.encode(), value=transition_message(t))
 
     @app.timer(settings.consistency_refresh_seconds)  # type: ignore[untyped-decorator]
     async def refresh_consistency() -> None:

@@ -175,8 +175,8 @@ class LosesFirstReply(RedisStore):
 
     lost = 0
 
-    async def commit(self, commits: Any, clocks: Any = None) -> list[int]:
-        result = await super().commit(commits, clocks)
+    async def commit(self, commits: Any, clocks: Any = None, outbox: Any = None) -> list[int]:
+        result = await super().commit(commits, clocks, outbox)
         if commits and not self.lost:
             self.lost += 1
             raise redis.exceptions.ConnectionError("connection reset by peer (test)")
@@ -261,4 +261,63 @@ async def test_a_clock_from_the_future_is_capped_and_a_corrupt_profile_starts_af
         assert redis_client.hget("jt:{c:broken}:p", "v") == b"4"
     finally:
         await p.store.close()
+        await sink.close()
+
+
+class Crash(Exception):
+    """Stands for SIGKILL: the process is gone between two steps."""
+
+
+class DiesBeforeClickHouse(ClickHouseSink):
+    async def flush(self) -> None:
+        raise Crash("killed after the Redis commit, before the ClickHouse insert")
+
+
+async def test_a_batch_cut_off_after_its_commit_is_written_out_by_the_next_owner(
+    redis_service: Service,
+    redis_client: redis.Redis,
+    chdb_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """State committed, rows and messages not out: the replay skips, the outbox delivers."""
+    values = [event(f"e{i}", "page_view", i, customer=f"c{i % 7}") for i in range(20)]
+    values += [event(f"k{i}", "add_to_cart", 30 + i, customer=f"c{i}") for i in range(3)]
+    values += [b"not json", event("e0", "page_view", 0, customer="c0")]  # a dead letter, a dup
+    batch = messages(values)
+    dying = processor(redis_service.url, DiesBeforeClickHouse(f"chdb://{chdb_path}"))
+    with pytest.raises(Crash):
+        await dying.process(batch)
+    await dying.store.close()
+    assert redis_client.hlen("jt:outbox:0") + redis_client.hlen("jt:outbox:1") > 0
+
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    published: list[Any] = []
+
+    async def publish(out: Any) -> None:
+        published.extend(out)
+
+    heir = processor(redis_service.url, sink)
+    heir.publish = publish
+    monkeypatch.setattr("pipeline.processor.RECOVER_AFTER_SECONDS", 0.0)
+    try:
+        # Kafka redelivers the uncommitted batch: nothing is applied or counted twice...
+        again = await heir.process(batch)
+        assert (again.accepted, again.duplicates, again.transitions) == (0, 1, [])
+        # ...and the outbox owes the rows and messages of the first run.
+        assert await heir.recover([0, 1]) > 0
+        assert redis_client.hlen("jt:outbox:0") + redis_client.hlen("jt:outbox:1") == 0
+        good = [d for d in (Validator().decode(v) for v in values) if isinstance(d, Event)]
+        expected = engine.replay(good, JOURNEYS)
+        rows = await sink.query("SELECT kind, count() FROM journey.transitions FINAL GROUP BY kind")
+        assert dict(rows) == dict(expected.kinds())
+        events = await sink.query("SELECT count() FROM journey.events FINAL")
+        assert events == [(len(good) - expected.duplicates,)]
+        rejected = await sink.query("SELECT count() FROM journey.rejected_events FINAL")
+        assert rejected == [(1,)]  # keyed by its Kafka position: the replay collapses onto it
+        topics = Counter(topic for topic, _, _ in published)
+        assert topics["journey.transitions"] == sum(expected.kinds().values())
+        assert await heir.recover([0, 1]) == 0
+    finally:
+        await heir.store.close()
         await sink.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,8 +87,33 @@ T = TypeVar("T")
 SERVICE_ERRORS: tuple[type[BaseException], ...] = (ClickHouseError, OSError)
 
 
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "events": EVENT_COLUMNS,
+    "transitions": TRANSITION_COLUMNS,
+    "rejected": REJECTED_COLUMNS,
+    "handoffs": HANDOFF_COLUMNS,
+    "feedback": FEEDBACK_COLUMNS,
+}
+
+
 def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
+
+
+def decode_rows(rows: Mapping[str, list[list[Any]]]) -> dict[str, list[list[Any]]]:
+    """Rows by table as they come back from JSON: ``*_at`` columns back to datetimes.
+
+    orjson writes datetimes as RFC 3339 text, so rows can wait in the outbox
+    (Redis) as JSON and be inserted later exactly as built.
+    """
+    out: dict[str, list[list[Any]]] = {}
+    for table, table_rows in rows.items():
+        stamps = [i for i, c in enumerate(TABLE_COLUMNS[table]) if c.endswith("_at")]
+        for row in table_rows:
+            for i in stamps:
+                row[i] = datetime.fromisoformat(row[i])
+        out[table] = table_rows
+    return out
 
 
 def event_row(event: Event, received_at: float) -> list[Any]:
@@ -233,6 +258,18 @@ class ClickHouseSink:
 
     def add_feedback(self, rows: Sequence[list[Any]]) -> None:
         self.feedback.extend(rows)
+
+    def add_rows(self, rows: Mapping[str, Sequence[list[Any]]]) -> None:
+        """Rows by table name (``TABLE_COLUMNS`` keys), e.g. from ``decode_rows``."""
+        buffers = {
+            "events": self.events,
+            "transitions": self.transitions,
+            "rejected": self.rejected,
+            "handoffs": self.handoffs,
+            "feedback": self.feedback,
+        }
+        for table, table_rows in rows.items():
+            buffers[table].extend(table_rows)
 
     def _insert_all(self, batches: list[tuple[str, Sequence[str], list[list[Any]]]]) -> None:
         client = self._connect()

@@ -53,7 +53,13 @@ log = logging.getLogger(__name__)
 FIELD_SEP = "\x1f"
 
 # KEYS: every key touched. ARGV[1]: JSON plan of groups (indexes into KEYS),
-# ARGV[2]: mark TTL, ARGV[3]: partition clocks [[key, newest event time], ...].
+# ARGV[2]: mark TTL, ARGV[3]: partition clocks [[key, newest event time], ...],
+# ARGV[4]: the batch's own outbox entry [key, field, ARGV index] or '', ARGV[5..]:
+# outbox payloads (kept out of the JSON plan so they are not escaped twice).
+# A group's marks are [key, "<partition>:<offset>"]: a replayed message finds
+# its own position there and is known as already applied, not as a duplicate.
+# A group's outbox entry (its ClickHouse rows and Kafka messages) is written
+# with its state, and deleted once they are out: see pipeline/processor.py.
 # Absent JSON fields mean "none" (cjson turns null into a truthy userdata).
 # Returns the plan indexes of groups that raced: a version had moved, or one
 # of their events was marked meanwhile. Nothing is written for those. A group
@@ -81,7 +87,7 @@ for i, g in ipairs(plan) do
   end
   if clean then
     for _, m in ipairs(g.m) do
-      if redis.call('EXISTS', KEYS[m]) == 1 then
+      if redis.call('EXISTS', KEYS[m[1]]) == 1 then
         clean = false
       end
     end
@@ -109,7 +115,10 @@ for i, g in ipairs(plan) do
       end
     end
     for _, m in ipairs(g.m) do
-      redis.call('SET', KEYS[m], '1', 'EX', ttl)
+      redis.call('SET', KEYS[m[1]], m[2], 'EX', ttl)
+    end
+    if g.o then
+      redis.call('HSET', KEYS[g.o[1]], g.t, ARGV[g.o[2]])
     end
     for _, c in ipairs(g.c) do
       redis.call('HINCRBY', KEYS[c[1]], c[2], c[3])
@@ -121,6 +130,10 @@ for _, c in ipairs(clocks) do
   if newest > tonumber(redis.call('HGET', KEYS[c[1]], 'newest') or '-1e18') then
     redis.call('HSET', KEYS[c[1]], 'newest', c[2], 'seen', string.format('%.6f', now))
   end
+end
+if ARGV[4] ~= '' then
+  local o = cjson.decode(ARGV[4])
+  redis.call('HSET', KEYS[o[1]], o[2], ARGV[o[3]])
 end
 return conflicts
 """
@@ -144,6 +157,10 @@ def deadlines_key(partition: int) -> str:
 
 def clock_key(partition: int) -> str:
     return f"jt:clock:{partition}"
+
+
+def outbox_key(partition: int) -> str:
+    return f"jt:outbox:{partition}"
 
 
 def count_field(journey: str, stage: str) -> str:
@@ -178,8 +195,11 @@ class Commit:
     """
 
     writes: list[Write]
-    event_ids: list[str] = field(default_factory=list)
+    # event id -> "<partition>:<offset>" of the message that carried it
+    event_ids: Mapping[str, str] = field(default_factory=dict)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # (partition, payload): what must reach ClickHouse and Kafka once this is applied
+    outbox: tuple[int, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -223,14 +243,17 @@ class RedisStore:
 
     async def load(
         self, refs: Iterable[Ref], event_ids: Sequence[str] = ()
-    ) -> tuple[dict[Ref, Loaded], set[str]]:
-        """Slots of ``refs`` and which of ``event_ids`` were already seen. One round trip."""
+    ) -> tuple[dict[Ref, Loaded], dict[str, str]]:
+        """Slots of ``refs``, and the marks of those ``event_ids`` already applied. One round trip.
+
+        A mark is the ``"<partition>:<offset>"`` of the message that applied the event.
+        """
         wanted = list(dict.fromkeys(refs))
         pipe = self.redis.pipeline(transaction=False)
         for ref in wanted:
             pipe.hmget(profile_key(ref), "v", "d", "h", "l")
         for event_id in event_ids:
-            pipe.exists(mark_key(event_id))
+            pipe.get(mark_key(event_id))
         results = await pipe.execute()
         loaded: dict[Ref, Loaded] = {}
         for ref, (version, data, home, linked) in zip(wanted, results, strict=False):
@@ -241,19 +264,32 @@ class RedisStore:
                 None if home is None else int(home),
             )
         marks = results[len(wanted) :]
-        seen = {e for e, exists in zip(event_ids, marks, strict=True) if exists}
+        seen = {
+            e: mark.decode() if isinstance(mark, bytes) else str(mark)
+            for e, mark in zip(event_ids, marks, strict=True)
+            if mark is not None
+        }
         return loaded, seen
 
     async def commit(
-        self, commits: Sequence[Commit], clocks: Mapping[int, float] | None = None
+        self,
+        commits: Sequence[Commit],
+        clocks: Mapping[int, float] | None = None,
+        outbox: tuple[int, str, bytes] | None = None,
     ) -> list[int]:
         """Apply each commit atomically; return the indexes of those that conflicted.
 
         ``clocks`` advances partitions' event-time clocks (partition → newest
         event time in this batch) in the same script.
         """
-        if not commits and not clocks:
+        if not commits and not clocks and outbox is None:
             return []
+        payloads: list[bytes] = []
+
+        def arg(payload: bytes) -> int:
+            payloads.append(payload)
+            return 4 + len(payloads)  # ARGV[5] is the first payload
+
         keys: list[str] = []
         index: dict[str, int] = {}
 
@@ -287,14 +323,45 @@ class RedisStore:
                     for (j, s), d in w.deltas.items()
                     if d
                 )
-            marks = [k(mark_key(e)) for e in commit.event_ids]
-            plan.append({"w": writes, "m": marks, "c": counts, "t": commit.token})
+            marks = [[k(mark_key(e)), pos] for e, pos in commit.event_ids.items()]
+            item = {"w": writes, "m": marks, "c": counts, "t": commit.token}
+            if commit.outbox is not None:
+                partition, payload = commit.outbox
+                item["o"] = [k(outbox_key(partition)), arg(payload)]
+            plan.append(item)
         clock_plan = [[k(clock_key(p)), repr(float(ts))] for p, ts in (clocks or {}).items()]
+        own = b""
+        if outbox is not None:
+            partition, field_name, payload = outbox
+            own = orjson.dumps([k(outbox_key(partition)), field_name, arg(payload)])
         conflicts = await self._cas(
             keys=keys,
-            args=[orjson.dumps(plan), self.dedupe_ttl_seconds, orjson.dumps(clock_plan)],
+            args=[
+                orjson.dumps(plan),
+                self.dedupe_ttl_seconds,
+                orjson.dumps(clock_plan),
+                own,
+                *payloads,
+            ],
         )
         return [int(i) - 1 for i in conflicts]
+
+    async def outbox(self, partition: int) -> dict[str, bytes]:
+        """Entries of a partition's outbox: token -> payload."""
+        entries = await self.redis.hgetall(outbox_key(partition))
+        return {
+            (k.decode() if isinstance(k, bytes) else str(k)): (
+                v if isinstance(v, bytes) else str(v).encode()
+            )
+            for k, v in entries.items()
+        }
+
+    async def outbox_done(self, entries: Iterable[tuple[int, str]]) -> None:
+        """Forget outbox entries whose rows and messages are out."""
+        pipe = self.redis.pipeline(transaction=False)
+        for partition, token in entries:
+            pipe.hdel(outbox_key(partition), token)
+        await pipe.execute()
 
     async def server_time(self) -> float:
         seconds, micros = await self.redis.time()

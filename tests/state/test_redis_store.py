@@ -46,12 +46,14 @@ async def test_commit_writes_state_marks_counts_and_deadlines(
     try:
         loaded, seen = await store.load([c1], ["e1", "e2"])
         assert loaded[c1].version == 0 and loaded[c1].home is None and not seen
-        commit = Commit([write(c1, 0, "purchase", partition=3, deadline=500.0)], ["e1", "e2"])
+        commit = Commit(
+            [write(c1, 0, "purchase", partition=3, deadline=500.0)], {"e1": "3:0", "e2": "3:1"}
+        )
         assert await store.commit([commit], {3: 150.0}) == []
         loaded, seen = await store.load([c1], ["e1", "e3"])
         assert loaded[c1].version == 1 and loaded[c1].home == 3
         assert loaded[c1].slot.profile == profile("c1", "purchase")
-        assert seen == {"e1"}
+        assert seen == {"e1": "3:0"}  # the position that applied it
         assert await store.stage_customers([3]) == {("retail", "purchase"): 1}
         assert await store.stage_customers([0, 1]) == {}
         assert 0 < redis_client.ttl("jt:e:e1") <= 60
@@ -71,9 +73,9 @@ async def test_stale_version_is_refused_and_reported(
     store = RedisStore(redis_service.url, dedupe_ttl_seconds=60)
     c1, c2 = customer("c1"), customer("c2")
     try:
-        assert await store.commit([Commit([write(c1, 0, "awareness")], ["e1"])]) == []
-        stale = Commit([write(c1, 0, "purchase")], ["e9"])
-        ok = Commit([write(c2, 0, "awareness")], ["e2"])
+        assert await store.commit([Commit([write(c1, 0, "awareness")], {"e1": "0:1"})]) == []
+        stale = Commit([write(c1, 0, "purchase")], {"e9": "0:9"})
+        ok = Commit([write(c2, 0, "awareness")], {"e2": "0:2"})
         assert await store.commit([stale, ok]) == [0]
         assert (await store.profile(c1)) == profile("c1", "awareness")
         assert redis_client.exists("jt:e:e9") == 0
@@ -95,7 +97,7 @@ async def test_a_group_stands_or_falls_together(
                 write(c1, 0, "consideration"),
                 Write(a1, 0, Slot(None, "c1"), 0, None, {("retail", "awareness"): -1}),
             ],
-            ["login"],
+            {"login": "0:5"},
         )
         assert await store.commit([merge]) == [0]  # a1 is at version 1 now
         assert await store.profile(c1) is None
@@ -136,11 +138,11 @@ async def test_an_event_id_marked_meanwhile_is_a_conflict(
     store = RedisStore(redis_service.url, dedupe_ttl_seconds=60)
     a, b = customer("a"), customer("b")
     try:
-        assert await store.commit([Commit([write(a, 0, "awareness")], ["shared"])]) == []
-        assert await store.commit([Commit([write(b, 0, "awareness")], ["shared"])]) == [0]
+        assert await store.commit([Commit([write(a, 0, "awareness")], {"shared": "0:1"})]) == []
+        assert await store.commit([Commit([write(b, 0, "awareness")], {"shared": "1:7"})]) == [0]
         assert await store.profile(b) is None
         _, seen = await store.load([b], ["shared"])
-        assert seen == {"shared"}
+        assert seen == {"shared": "0:1"}
         assert await store.stage_customers([0]) == {("retail", "awareness"): 1}
     finally:
         await store.close()
