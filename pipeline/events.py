@@ -65,6 +65,7 @@ _MAX_FUTURE_S: Final = 86_400.0  # clock skew we tolerate from producers
 _MAX_REASON: Final = 400  # reasons land in Kafka headers / ClickHouse: keep them small
 _INT_MIN: Final = -(2**63)  # what orjson (and ClickHouse) can carry
 _INT_MAX: Final = 2**64 - 1
+_MAX_DEPTH: Final = 32  # far deeper than any valid event: properties is flat
 _JSON_TYPES: Final[dict[type, str]] = {
     dict: "object",
     list: "array",
@@ -142,7 +143,15 @@ class Rejection:
 def _short(value: object, limit: int = 80) -> str:
     """Quote a user value for a reason without letting it blow up the message."""
     text = repr(value) if isinstance(value, str) else _json_text(value)
+    if not text.isprintable():  # JSON keeps U+202E, U+2028…: a reason stays one plain line
+        text = text.encode("unicode_escape").decode("ascii")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _name(key: object) -> str:
+    """A field or property name as it appears in a reason: bare if plain, else quoted."""
+    text = str(key)
+    return text if text.isprintable() and len(text) <= 128 else _short(key)
 
 
 def _json_text(value: object) -> str:
@@ -182,7 +191,7 @@ _StrictValidator: Any = validators.extend(  # type: ignore[no-untyped-call]  # u
 
 
 def _field(error: ValidationError) -> str:
-    return ".".join(str(part) for part in error.absolute_path)
+    return ".".join(_name(part) for part in error.absolute_path)
 
 
 def _describe(error: ValidationError, schema: Mapping[str, Any]) -> str:
@@ -289,16 +298,33 @@ class Validator:
         except Exception as exc:  # pragma: no cover - only a bug gets here
             return Rejection(_clip(f"internal validator error: {exc!r}"), "schema", raw)
 
+    def _nested(self, obj: Mapping[Any, object], raw: bytes) -> Rejection:
+        """The rejection for a value too deeply nested to describe (events are flat)."""
+        deep = _too_deep(obj)
+        name, key = deep if deep is not None else ("event", None)
+        where = _name(name) if key is None else f"{_name(name)}.{_name(key)}"
+        return Rejection(
+            _clip(f"{where}: nested more than {_MAX_DEPTH} levels deep (events are flat)"),
+            "timestamp" if name == "occurred_at" else "schema",
+            raw,
+        )
+
     def _validate(self, obj: object, raw: bytes, now: float) -> Event | Rejection:
         if not isinstance(obj, dict):
             return Rejection(
                 f"event: expected a JSON object, got {_json_type(obj)}", "not_object", raw
             )
-        error = best_match(self._validator.iter_errors(obj))
-        if error is not None:
+        try:
+            error = best_match(self._validator.iter_errors(obj))
+            reason = None if error is None else _describe(error, self._schema)
+        except RecursionError:
+            # jsonschema quotes repr(value) in its messages, which recurses: a value nested
+            # ~1000 levels deep (orjson parses up to 1024) overflows it. Name the field.
+            return self._nested(obj, raw)
+        if error is not None and reason is not None:
             path = error.absolute_path
             code = "timestamp" if path and path[0] == "occurred_at" else "schema"
-            return Rejection(_clip(_describe(error, self._schema)), code, raw)
+            return Rejection(_clip(reason), code, raw)
 
         channel: str = obj["channel"]
         if channel not in self._channels:
@@ -365,17 +391,39 @@ class Validator:
         )
 
 
+def _too_deep(obj: Mapping[Any, object]) -> tuple[object, object] | None:
+    """(field, key inside it or None) of a value nested deeper than ``_MAX_DEPTH``.
+
+    A loop, not recursion, for the same reason as the check itself.
+    """
+    for name, value in obj.items():
+        parts = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, child in parts:
+            if not isinstance(child, dict | list):
+                continue
+            stack: list[tuple[dict[Any, object] | list[object], int]] = [
+                (child, 1 if key is None else 2)
+            ]
+            while stack:
+                item, depth = stack.pop()
+                if depth > _MAX_DEPTH:
+                    return name, key
+                children = item.values() if isinstance(item, dict) else item
+                stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return None
+
+
 def _bad_property(props: Mapping[Any, object]) -> str | None:
     """Checks JSON Schema cannot express; only reachable through ``validate_dict``."""
     for key, value in props.items():
         if not isinstance(key, str):
             return f"properties: key {_short(key)} is not a string"
         if isinstance(value, float) and not math.isfinite(value):
-            return f"properties.{key}: {value} is not a finite number"
+            return f"properties.{_name(key)}: {value} is not a finite number"
         if (
             isinstance(value, int)
             and not isinstance(value, bool)
             and not _INT_MIN <= value <= _INT_MAX
         ):
-            return f"properties.{key}: integer out of the 64-bit range"
+            return f"properties.{_name(key)}: integer out of the 64-bit range"
     return None
