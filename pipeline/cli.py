@@ -186,18 +186,28 @@ def simulate(
     "with embedded chDB while a worker holds it; tried automatically on JOURNEY_WEB_PORT.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Write a self-contained HTML page (charts, works offline) to this file instead.",
+)
 def report(
     since: datetime | None,
     until: datetime | None,
     days: float | None,
     worker_url: str | None,
     as_json: bool,
+    html_file: Path | None,
 ) -> None:
     """Funnel, drop-off, time in stage, hand-offs, consistency and CSAT/NPS from ClickHouse.
 
     Over all history by default. --json prints one object per journey: the
     funnel's "journey" and "stages", then "dropoff", "time_in_stage",
-    "handoffs", "consistency" and "feedback".
+    "handoffs", "consistency" and "feedback". --html writes the funnel, a
+    stage-flow diagram per channel, drop-off by stage and channel and
+    consistency over time to one page.
     """
     from pipeline.report import REPORT_END, REPORT_START, render
 
@@ -219,7 +229,26 @@ def report(
         except (urllib.error.URLError, OSError) as exc:
             raise click.ClickException(f"could not ask the worker at {worker_url}: {exc}") from exc
     else:
-        reports = _reports_direct(settings, since, until)
+        reports = _reports_direct(settings, since, until, html_extras=html_file is not None)
+    if html_file is not None:
+        from pipeline.html_report import render_html
+
+        notes = []
+        if worker_url:
+            notes.append(
+                # The host alone: the page links to nothing, not even the worker.
+                f"Read from the worker at {urllib.parse.urlsplit(redact_url(worker_url)).netloc}"
+                ", which does not send "
+                "stage-to-stage flows or consistency per time bucket: those parts are "
+                "approximated or replaced below. Stop the worker (or point at ClickHouse) "
+                "for the full page."
+            )
+        page = render_html(
+            reports, settings.channels, notes, (since, until), generated_at=datetime.now(UTC)
+        )
+        html_file.write_text(page, encoding="utf-8")
+        click.echo(f"wrote {html_file}")
+        return
     if as_json:
         click.echo(orjson.dumps(reports).decode())
     else:
@@ -234,9 +263,12 @@ def _worker_alive(url: str) -> bool:
         return False
 
 
-def _reports_direct(settings: Settings, since: datetime, until: datetime) -> list[dict[str, Any]]:
+def _reports_direct(
+    settings: Settings, since: datetime, until: datetime, html_extras: bool = False
+) -> list[dict[str, Any]]:
     import clickhouse_connect
 
+    from pipeline.report import html_extras as extras
     from pipeline.report import journey_report
 
     try:
@@ -251,7 +283,13 @@ def _reports_direct(settings: Settings, since: datetime, until: datetime) -> lis
 
     journeys = load_journeys(settings.journeys_path)
     try:
-        return [journey_report(client, j, since, until) for j in journeys]
+        return [
+            {
+                **journey_report(client, j, since, until),
+                **(extras(client, j, since, until) if html_extras else {}),
+            }
+            for j in journeys
+        ]
     except ClickHouseError as exc:
         # Most likely tables of a newer version: only the worker applies deploy/clickhouse/.
         raise click.ClickException(

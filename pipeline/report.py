@@ -811,3 +811,119 @@ def _render_feedback(section: Mapping[str, Any], channels: Sequence[str], consol
     console.print(
         "[dim]CSAT: mean answer (1–5); NPS: % promoters (9–10) − % detractors (0–6)[/dim]"
     )
+
+
+# ---------------------------------------------------------------- for `journey report --html`
+
+# Exits per (from, to) stage pair and channel; a drop has an empty to_stage.
+STAGE_FLOWS = """
+SELECT from_stage, to_stage, channel, kind, count()
+FROM journey.transitions FINAL
+WHERE journey = {journey:String} AND kind IN ('advanced', 'dropped')
+  AND occurred_at >= {since:DateTime64(3, 'UTC')} AND occurred_at < {until:DateTime64(3, 'UTC')}
+GROUP BY from_stage, to_stage, channel, kind
+"""
+
+# The first and last exit in the period, in Unix seconds: the time buckets cover
+# the data, not "all of history", which is the default period.
+EXITS_SPAN = """
+SELECT count(), toUnixTimestamp(min(occurred_at)), toUnixTimestamp(max(occurred_at))
+FROM journey.transitions FINAL
+WHERE journey = {journey:String} AND kind IN ('advanced', 'dropped')
+  AND occurred_at >= {since:DateTime64(3, 'UTC')} AND occurred_at < {until:DateTime64(3, 'UTC')}
+"""
+
+# Buckets start at multiples of {bucket} seconds since the epoch, so a day is a UTC day.
+EXITS_PER_BUCKET = """
+SELECT intDiv(toUnixTimestamp(occurred_at), {bucket:UInt32}) * {bucket:UInt32} AS start,
+       from_stage, channel, countIf(kind = 'advanced'), count()
+FROM journey.transitions FINAL
+WHERE journey = {journey:String} AND kind IN ('advanced', 'dropped')
+  AND occurred_at >= {since:DateTime64(3, 'UTC')} AND occurred_at < {until:DateTime64(3, 'UTC')}
+GROUP BY start, from_stage, channel
+"""
+
+# Candidate bucket sizes in seconds (minute … week); the smallest that keeps a
+# chart under MAX_BUCKETS points wins. Smaller buckets hold fewer exits, and a
+# channel under min_exits in a bucket has no ratio there.
+BUCKET_SECONDS = (60, 300, 900, 3_600, 6 * 3_600, 86_400, 7 * 86_400)
+MAX_BUCKETS = 48
+
+
+def time_bucket(span_seconds: float) -> int:
+    """The bucket size for data spanning ``span_seconds``: at most MAX_BUCKETS buckets if it can."""
+    for size in BUCKET_SECONDS:
+        if span_seconds / size < MAX_BUCKETS:
+            return size
+    return BUCKET_SECONDS[-1]
+
+
+def stage_flows(client: Any, journey: Journey, since: datetime, until: datetime) -> dict[str, Any]:
+    """Exits per channel as flows: ``{"from", "to", "exits"}``, ``to`` None for a drop.
+
+    Skips are kept (an advance may jump stages), stages the journey no longer has left out.
+    """
+    names = set(journey.stage_names)
+    by_channel: dict[str, list[dict[str, Any]]] = {}
+    for source, target, channel, kind, count in _rows(
+        client, STAGE_FLOWS, _params(journey, since, until)
+    ):
+        if source not in names or (kind == "advanced" and target not in names):
+            continue
+        by_channel.setdefault(channel, []).append(
+            {"from": source, "to": target if kind == "advanced" else None, "exits": int(count)}
+        )
+    return {"journey": journey.name, "by_channel": dict(sorted(by_channel.items()))}
+
+
+def consistency_over_time(
+    client: Any, journey: Journey, since: datetime, until: datetime, min_exits: int = MIN_EXITS
+) -> dict[str, Any]:
+    """The consistency index per stage and time bucket, by ``consistency_index``.
+
+    ``buckets`` are the bucket starts (ISO, UTC) from the first exit's to the
+    last's, without gaps; each stage has one index (None: no index) per bucket.
+    """
+    params = _params(journey, since, until)
+    result: dict[str, Any] = {
+        "journey": journey.name,
+        "min_exits": min_exits,
+        "bucket_seconds": None,
+        "buckets": [],
+        "stages": [],
+    }
+    ((count, first, last),) = _rows(client, EXITS_SPAN, params)
+    if not count:
+        return result
+    size = time_bucket(int(last) - int(first))
+    starts = list(range(int(first) // size * size, int(last) + 1, size))
+    position = {start: i for i, start in enumerate(starts)}
+    counts: dict[str, list[dict[str, tuple[int, int]]]] = {
+        name: [{} for _ in starts] for name in journey.stage_names
+    }
+    for start, stage, channel, advanced, exits in _rows(
+        client, EXITS_PER_BUCKET, {**params, "bucket": size}
+    ):
+        if stage in counts and int(start) in position:
+            counts[stage][position[int(start)]][channel] = (int(advanced), int(exits))
+    result["bucket_seconds"] = size
+    result["buckets"] = [datetime.fromtimestamp(s, UTC).isoformat() for s in starts]
+    result["stages"] = [
+        {
+            "stage": stage,
+            "index": [consistency_index(c, min_exits) for c in per_bucket],
+            "exits": [sum(e for _, e in c.values()) for c in per_bucket],
+        }
+        for stage, per_bucket in counts.items()
+    ]
+    return result
+
+
+def html_extras(
+    client: Any, journey: Journey, since: datetime, until: datetime, min_exits: int = MIN_EXITS
+) -> dict[str, Any]:
+    """The page's extra sections beyond ``journey_report``: flows and consistency over time."""
+    return {
+        "flows": stage_flows(client, journey, since, until),
+        "consistency_over_time": consistency_over_time(client, journey, since, until, min_exits),
+    }
