@@ -16,6 +16,8 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
+from pipeline.report import REPORT_END, REPORT_START
+
 MISSING = "–"
 
 CSS = """
@@ -61,6 +63,13 @@ def _num(x: float) -> str:
 # ---------------------------------------------------------------- the page
 
 
+def _period(since: str | None, until: str | None) -> str:
+    """The period in words; the report's default bounds mean all history."""
+    if since == REPORT_START.isoformat() and until == REPORT_END.isoformat():
+        return "all history"
+    return f"{_e(since or '?')} to {_e(until or '?')}"
+
+
 def render_html(
     reports: Sequence[Mapping[str, Any]],
     channels: Sequence[str],
@@ -85,8 +94,8 @@ def render_html(
         "<title>Journey report</title>",
         f"<style>{CSS}</style></head><body>",
         "<h1>Journey report</h1>",
-        f'<p class="meta">Period (event time, UTC): {_e(since or "?")} to {_e(until or "?")}'
-        + (f"; generated {_e(generated_at.isoformat())}" if generated_at else "")
+        f'<p class="meta">Period (event time, UTC): {_period(since, until)}'
+        + (f"; generated {_e(generated_at.isoformat(timespec='seconds'))}" if generated_at else "")
         + "</p>",
     ]
     parts += [f'<p class="note">{_e(n)}</p>' for n in notes]

@@ -338,3 +338,14 @@ def test_html_command_from_a_worker_renders_what_it_sent(
     assert "Read from the worker at 127.0.0.1:9" in page
     assert "http://" not in page
     assert "every advance is drawn to the next stage" in page
+
+
+def test_default_bounds_read_as_all_history() -> None:
+    from pipeline.html_report import render_html
+    from pipeline.report import REPORT_END, REPORT_START
+
+    page = render_html(
+        [{"journey": "retail", "stages": []}], ["web"], period=(REPORT_START, REPORT_END)
+    )
+    assert "Period (event time, UTC): all history" in page
+    assert "1970-01-01" not in page
