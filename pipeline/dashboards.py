@@ -51,7 +51,8 @@ from pipeline.alerting import (
 )
 from pipeline.consistency import MIN_EXITS
 from pipeline.journeys import Journey, load_journeys
-from pipeline.report import CONSISTENCY_SQL, ENTRY_KINDS
+from pipeline.report import CONSISTENCY_SQL
+from pipeline.stages import ENTRY_KINDS
 
 JSON = dict[str, Any]
 

@@ -49,10 +49,9 @@ from pipeline.sinks.clickhouse import (
     transition_row,
 )
 from pipeline.stages import (
-    ADVANCED,
     DROPPED,
-    ENTERED,
-    REENGAGED,
+    DWELL_KINDS,
+    ENTRY_KINDS,
     REGRESSED,
     Profile,
     Transition,
@@ -67,8 +66,6 @@ R = TypeVar("R")
 
 # Rejected events carry no trustworthy channel; this label keeps the series bounded.
 UNKNOWN_CHANNEL = "unknown"
-ENTRY_KINDS = frozenset({ENTERED, ADVANCED, REGRESSED, REENGAGED})
-EXIT_KINDS = frozenset({ADVANCED, DROPPED, REGRESSED})
 # How many past-deadline profiles one sweep step handles per partition.
 SWEEP_LIMIT = 500
 # An event stamped later than its arrival plus this does not move its partition's
@@ -553,7 +550,7 @@ class BatchProcessor:
             m.transitions.labels(t.journey, t.kind).inc()
             if t.kind in ENTRY_KINDS and t.to_stage is not None:
                 m.entry(t.journey, t.to_stage, t.channel)
-            if t.kind in EXIT_KINDS and t.from_stage is not None:
+            if t.kind in DWELL_KINDS and t.from_stage is not None:
                 m.time_in_stage.labels(t.journey, t.from_stage, t.kind).observe(
                     t.seconds_in_previous
                 )

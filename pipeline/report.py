@@ -37,12 +37,12 @@ from rich.table import Table
 
 from pipeline.consistency import MIN_EXITS, consistency_index, progression_ratios
 from pipeline.journeys import Journey
+from pipeline.stages import ENTRY_KINDS
 
 # "All of history": the bounds of ClickHouse's DateTime64.
 REPORT_START = datetime(1970, 1, 1, tzinfo=UTC)
 REPORT_END = datetime(2299, 12, 31, tzinfo=UTC)
 
-ENTRY_KINDS = ["entered", "advanced", "regressed", "reengaged"]
 
 # What a table shows where there is no number: nobody there, no answers, no index.
 MISSING = "–"
@@ -196,7 +196,7 @@ class Funnel:
 def funnel(client: Any, journey: Journey, since: datetime, until: datetime) -> Funnel:
     params: dict[str, Any] = {
         "journey": journey.name,
-        "kinds": ENTRY_KINDS,
+        "kinds": list(ENTRY_KINDS),
         "since": since,
         "until": until,
     }

@@ -20,6 +20,10 @@ REGRESSED = "regressed"
 DROPPED = "dropped"
 REENGAGED = "reengaged"
 MERGED = "merged"
+# Kinds that put a customer into a stage (counted as entries, and in the funnel).
+ENTRY_KINDS = (ENTERED, ADVANCED, REGRESSED, REENGAGED)
+# Kinds that take a customer out of a stage they spent time in (time in stage).
+DWELL_KINDS = (ADVANCED, DROPPED, REGRESSED)
 
 PROFILE_FORMAT = 1
 
@@ -463,7 +467,9 @@ def replay(
 __all__ = [
     "ADVANCED",
     "DROPPED",
+    "DWELL_KINDS",
     "ENTERED",
+    "ENTRY_KINDS",
     "MERGED",
     "REENGAGED",
     "REGRESSED",

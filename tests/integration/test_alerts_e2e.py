@@ -33,15 +33,13 @@ from pipeline import rehearsal
 from pipeline.alerting import render_rules
 from pipeline.embedded import (
     Service,
-    create_topics,
     free_port,
     prometheus_binary,
-    start_kafka,
     start_prometheus,
 )
 from pipeline.journeys import load_journeys
-from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
-from tests.integration.workers import WorkerProcess, total, wait_until
+from pipeline.settings import Settings
+from tests.integration.workers import WorkerProcess, broker, total, wait_until
 
 pytestmark = [
     pytest.mark.services,
@@ -55,12 +53,8 @@ INCIDENT = f"app:purchase:1.0@{HEALTHY_SECONDS:.0f}s"
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = start_kafka(log_dir=tmp_path_factory.mktemp("kafka"))
-    try:
-        create_topics(service.url, {EVENTS_TOPIC: 2, REJECTED_TOPIC: 1, TRANSITIONS_TOPIC: 2})
+    with broker(tmp_path_factory.mktemp("kafka"), partitions=2) as service:
         yield service
-    finally:
-        service.stop()
 
 
 def api(prometheus: Service, path: str, **params: str) -> Any:

@@ -24,12 +24,12 @@ import pytest
 import redis
 
 from pipeline import engine
-from pipeline.embedded import Service, create_topics, free_port, start_kafka
+from pipeline.embedded import Service, free_port
 from pipeline.events import Event, Validator
 from pipeline.journeys import default_journeys
-from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
+from pipeline.settings import Settings
 from pipeline.simulate import generate
-from tests.integration.workers import WorkerProcess, journey, total, wait_until
+from tests.integration.workers import WorkerProcess, broker, journey, total, wait_until
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
 
@@ -38,14 +38,10 @@ KILLS = 4
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = start_kafka(log_dir=tmp_path_factory.mktemp("kafka"))
-    try:
-        # One partition: the reference replays the file in order, and across partitions a
-        # device's events and its owner's login have no order Kafka could keep.
-        create_topics(service.url, {EVENTS_TOPIC: 1, REJECTED_TOPIC: 1, TRANSITIONS_TOPIC: 1})
+    # One partition: the reference replays the file in order, and across partitions a
+    # device's events and its owner's login have no order Kafka could keep.
+    with broker(tmp_path_factory.mktemp("kafka"), partitions=1) as service:
         yield service
-    finally:
-        service.stop()
 
 
 def test_sigkilled_worker_ends_with_the_state_and_rows_of_a_clean_run(

@@ -25,11 +25,11 @@ import redis
 
 from pipeline import engine
 from pipeline.consistency import consistency_index
-from pipeline.embedded import Service, create_topics, free_port, start_kafka
+from pipeline.embedded import Service, free_port
 from pipeline.events import Event, Validator
 from pipeline.journeys import load_journeys
-from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
-from tests.integration.workers import Samples, WorkerProcess, journey, total, wait_until
+from pipeline.settings import Settings
+from tests.integration.workers import Samples, WorkerProcess, broker, journey, total, wait_until
 
 pytestmark = pytest.mark.services
 
@@ -115,12 +115,8 @@ def scenario(t0: float) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = start_kafka(log_dir=tmp_path_factory.mktemp("kafka"))
-    try:
-        create_topics(service.url, {EVENTS_TOPIC: 2, REJECTED_TOPIC: 1, TRANSITIONS_TOPIC: 2})
+    with broker(tmp_path_factory.mktemp("kafka"), partitions=2) as service:
         yield service
-    finally:
-        service.stop()
 
 
 def run_worker(

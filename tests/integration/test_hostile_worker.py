@@ -29,17 +29,18 @@ import pytest
 import redis
 
 from pipeline import engine
-from pipeline.embedded import Service, create_topics, free_port, start_kafka
+from pipeline.embedded import Service, free_port
 from pipeline.events import DEFAULT_CHANNELS, REJECTION_CODES, Event, Rejection, Validator
 from pipeline.identity import MERGE_RESULTS, is_placeholder
 from pipeline.journeys import default_journeys
-from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
+from pipeline.settings import REJECTED_TOPIC, Settings
 from pipeline.simulate import generate
 from pipeline.stages import ADVANCED, DROPPED, ENTERED, MERGED, REENGAGED, REGRESSED
 from pipeline.state.redis_store import profile_key
 from tests.integration.workers import (
     Samples,
     WorkerProcess,
+    broker,
     consume_all,
     journey,
     total,
@@ -57,12 +58,8 @@ HEALTHZ_FIELDS = frozenset({"status", "journeys", "last_batch_at"})
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """A broker of this module's own, one partition: processing order is file order."""
-    service = start_kafka(log_dir=tmp_path_factory.mktemp("kafka"))
-    try:
-        create_topics(service.url, {EVENTS_TOPIC: 1, REJECTED_TOPIC: 1, TRANSITIONS_TOPIC: 1})
+    with broker(tmp_path_factory.mktemp("kafka"), partitions=1) as service:
         yield service
-    finally:
-        service.stop()
 
 
 def flood(start: float) -> list[bytes]:

@@ -11,13 +11,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline.embedded import Service, create_topics, free_port, start_kafka
+from pipeline.embedded import Service, free_port
 from pipeline.engine import replay
 from pipeline.events import Event, Validator
 from pipeline.journeys import default_journeys
-from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
+from pipeline.settings import Settings
 from pipeline.simulate import generate
-from tests.integration.workers import WorkerProcess, journey, total, wait_until
+from tests.integration.workers import WorkerProcess, broker, journey, total, wait_until
 
 pytestmark = pytest.mark.services
 
@@ -26,15 +26,8 @@ PARTITIONS = 4
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = start_kafka(log_dir=tmp_path_factory.mktemp("kafka"))
-    try:
-        create_topics(
-            service.url,
-            {EVENTS_TOPIC: PARTITIONS, REJECTED_TOPIC: 1, TRANSITIONS_TOPIC: PARTITIONS},
-        )
+    with broker(tmp_path_factory.mktemp("kafka"), partitions=PARTITIONS) as service:
         yield service
-    finally:
-        service.stop()
 
 
 def test_stage_customers_summed_over_workers_counts_everyone_once(

@@ -19,12 +19,12 @@ import orjson
 import pytest
 import redis
 
-from pipeline.embedded import Service, create_topics, free_port, start_kafka
+from pipeline.embedded import Service, free_port
 from pipeline.events import Event, Validator
 from pipeline.journeys import default_journeys
-from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
+from pipeline.settings import REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 from pipeline.stages import replay
-from tests.integration.workers import WorkerProcess, consume_all, journey, total, wait_until
+from tests.integration.workers import WorkerProcess, broker, consume_all, journey, total, wait_until
 
 pytestmark = pytest.mark.services
 
@@ -141,12 +141,8 @@ def known_events() -> list[bytes]:
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """A broker of this module's own: the topics start empty."""
-    service = start_kafka(log_dir=tmp_path_factory.mktemp("kafka"))
-    try:
-        create_topics(service.url, {EVENTS_TOPIC: 2, REJECTED_TOPIC: 1, TRANSITIONS_TOPIC: 2})
+    with broker(tmp_path_factory.mktemp("kafka"), partitions=2) as service:
         yield service
-    finally:
-        service.stop()
 
 
 def test_known_events_end_to_end(

@@ -9,15 +9,29 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.settings import Settings
+from pipeline.embedded import Service, create_topics, start_kafka
+from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@contextmanager
+def broker(log_dir: Path, partitions: int) -> Iterator[Service]:
+    """Tansu of a module's own: journey.events and journey.transitions with ``partitions``."""
+    service = start_kafka(log_dir=log_dir)
+    try:
+        topics = {EVENTS_TOPIC: partitions, REJECTED_TOPIC: 1, TRANSITIONS_TOPIC: partitions}
+        create_topics(service.url, topics)
+        yield service
+    finally:
+        service.stop()
 
 
 def journey(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
