@@ -93,6 +93,58 @@ def send(file: Path, topic: str) -> None:
     )
 
 
+@cli.command()
+@click.option("--loglevel", default="info", show_default=True, help="Log level.")
+def collector(loglevel: str) -> None:
+    """Run the HTTP collector: POST /v1/events to Kafka, for systems without a Kafka client.
+
+    Listens on JOURNEY_COLLECTOR_HOST:JOURNEY_COLLECTOR_PORT (default
+    127.0.0.1:6067). Each source system posts with its own API key; configure
+    their SHA-256 hashes in JOURNEY_COLLECTOR_KEYS (SOURCE:HASH,...) or a YAML
+    file named by JOURNEY_COLLECTOR_KEYS_FILE (`journey collector-key SOURCE`
+    makes a key). Events are answered only after Kafka acknowledged them.
+    Also serves /healthz and /metrics.
+    """
+    from pipeline.collector.app import Collector, run
+    from pipeline.collector.keys import KeysError, load_keys
+    from pipeline.events import Validator
+
+    settings = _settings()
+    try:
+        keys = load_keys(settings.collector_keys, settings.collector_keys_file)
+        app = Collector(settings, keys, Validator(settings.channels))
+    except (KeysError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _logging(loglevel)
+    run(app)
+
+
+@cli.command("collector-key")
+@click.argument("source")
+def collector_key(source: str) -> None:
+    """Make a new API key for the source system SOURCE (e.g. web, pos-emea).
+
+    Prints the key (give it to that system; it is shown only once) and the
+    SOURCE:HASH line to add to JOURNEY_COLLECTOR_KEYS or the key file. The
+    collector keeps only the hash.
+    """
+    from pipeline.collector.keys import SOURCE_PATTERN, hash_key, new_key
+
+    if not SOURCE_PATTERN.match(source):
+        raise click.BadParameter(
+            "lower-case letters, digits, '_', '.' or '-', starting with a letter",
+            param_hint="SOURCE",
+        )
+    key = new_key()
+    click.echo(f"key:    {key}")
+    click.echo(f"config: {source}:{hash_key(key)}")
+    console.print(
+        "Give the key to the source system; configure only the config line "
+        "(JOURNEY_COLLECTOR_KEYS, comma-separated, or "
+        "`- {source: ..., sha256: ...}` under `keys:` in the key file)."
+    )
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),

@@ -55,6 +55,11 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
 
 
+def _list(raw: str | None) -> tuple[str, ...]:
+    """A comma-separated setting; blanks around items and empty items are ignored."""
+    return tuple(item.strip() for item in (raw or "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     kafka_url: str = "kafka://127.0.0.1:9092"
@@ -89,12 +94,31 @@ class Settings:
     # How long the broker waits for a silent worker before giving its partitions
     # to the others: the gap in processing after a worker dies.
     session_timeout_seconds: float = 60.0
+    # The HTTP collector (`journey collector`). API keys come as
+    # "source:sha256hex,..." and/or a YAML file (see pipeline/collector/keys.py);
+    # only hashes are configured, never the keys themselves.
+    collector_host: str = "127.0.0.1"
+    collector_port: int = 6067
+    collector_keys: str = ""
+    collector_keys_file: Path | None = None
+    # Browser origins allowed to post (comma-separated, or "*"); empty: no CORS.
+    collector_cors_origins: tuple[str, ...] = ()
+    # One request carries at most this many bytes of JSON, compressed or not
+    # (the decompressed limit is what stops a gzip bomb).
+    collector_max_body_bytes: int = 1024 * 1024
+    collector_max_events: int = 500
+    # Per source system: events per second, and the burst a bucket holds.
+    collector_rate: float = 1000.0
+    collector_burst: int = 5000
+    # How long a request waits for Kafka to acknowledge before answering 503.
+    collector_ack_timeout_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         journeys = env.get("JOURNEY_JOURNEYS")
         channels = env.get("JOURNEY_CHANNELS")
+        keys_file = env.get("JOURNEY_COLLECTOR_KEYS_FILE")
         return cls(
             kafka_url=env.get("JOURNEY_KAFKA_URL", cls.kafka_url),
             redis_url=env.get("JOURNEY_REDIS_URL", cls.redis_url),
@@ -102,9 +126,7 @@ class Settings:
             journeys_path=Path(journeys) if journeys else None,
             web_port=_int(env, "JOURNEY_WEB_PORT", cls.web_port),
             web_host=env.get("JOURNEY_WEB_HOST", cls.web_host),
-            channels=tuple(c.strip() for c in channels.split(",") if c.strip())
-            if channels
-            else DEFAULT_CHANNELS,
+            channels=_list(channels) or DEFAULT_CHANNELS,
             app_id=env.get("JOURNEY_APP_ID", cls.app_id),
             batch_size=_int(env, "JOURNEY_BATCH_SIZE", cls.batch_size),
             batch_seconds=_float(env, "JOURNEY_BATCH_SECONDS", cls.batch_seconds),
@@ -125,6 +147,22 @@ class Settings:
             ),
             session_timeout_seconds=_float(
                 env, "JOURNEY_SESSION_TIMEOUT_SECONDS", cls.session_timeout_seconds
+            ),
+            collector_host=env.get("JOURNEY_COLLECTOR_HOST", cls.collector_host),
+            collector_port=_int(env, "JOURNEY_COLLECTOR_PORT", cls.collector_port),
+            collector_keys=env.get("JOURNEY_COLLECTOR_KEYS", cls.collector_keys),
+            collector_keys_file=Path(keys_file) if keys_file else None,
+            collector_cors_origins=_list(env.get("JOURNEY_COLLECTOR_CORS_ORIGINS")),
+            collector_max_body_bytes=_int(
+                env, "JOURNEY_COLLECTOR_MAX_BODY_BYTES", cls.collector_max_body_bytes
+            ),
+            collector_max_events=_int(
+                env, "JOURNEY_COLLECTOR_MAX_EVENTS", cls.collector_max_events
+            ),
+            collector_rate=_float(env, "JOURNEY_COLLECTOR_RATE", cls.collector_rate),
+            collector_burst=_int(env, "JOURNEY_COLLECTOR_BURST", cls.collector_burst),
+            collector_ack_timeout_seconds=_float(
+                env, "JOURNEY_COLLECTOR_ACK_TIMEOUT_SECONDS", cls.collector_ack_timeout_seconds
             ),
         )
 
@@ -148,9 +186,20 @@ class Settings:
             "JOURNEY_CONSISTENCY_MIN_EXITS": str(self.consistency_min_exits),
             "JOURNEY_CONSISTENCY_REFRESH_SECONDS": str(self.consistency_refresh_seconds),
             "JOURNEY_SESSION_TIMEOUT_SECONDS": str(self.session_timeout_seconds),
+            "JOURNEY_COLLECTOR_HOST": self.collector_host,
+            "JOURNEY_COLLECTOR_PORT": str(self.collector_port),
+            "JOURNEY_COLLECTOR_KEYS": self.collector_keys,
+            "JOURNEY_COLLECTOR_CORS_ORIGINS": ",".join(self.collector_cors_origins),
+            "JOURNEY_COLLECTOR_MAX_BODY_BYTES": str(self.collector_max_body_bytes),
+            "JOURNEY_COLLECTOR_MAX_EVENTS": str(self.collector_max_events),
+            "JOURNEY_COLLECTOR_RATE": str(self.collector_rate),
+            "JOURNEY_COLLECTOR_BURST": str(self.collector_burst),
+            "JOURNEY_COLLECTOR_ACK_TIMEOUT_SECONDS": str(self.collector_ack_timeout_seconds),
         }
         if self.journeys_path is not None:
             env["JOURNEY_JOURNEYS"] = str(self.journeys_path)
+        if self.collector_keys_file is not None:
+            env["JOURNEY_COLLECTOR_KEYS_FILE"] = str(self.collector_keys_file)
         return env
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.settings import Settings, SettingsError, redact_url
@@ -28,8 +30,20 @@ def test_round_trip_through_the_environment() -> None:
         allowed_lateness_seconds=5.0,
         consistency_min_exits=7,
         sweep_seconds=0.25,
+        collector_keys="web:" + "a" * 64,
+        collector_keys_file=Path("/etc/journey/keys.yaml"),
+        collector_cors_origins=("https://shop.example", "https://m.shop.example"),
+        collector_rate=250.0,
+        collector_ack_timeout_seconds=2.5,
     )
     assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_lists_ignore_blanks() -> None:
+    env = {"JOURNEY_CHANNELS": " web, ,app ", "JOURNEY_COLLECTOR_CORS_ORIGINS": ""}
+    settings = Settings.from_env(env)
+    assert settings.channels == ("web", "app")
+    assert settings.collector_cors_origins == ()
 
 
 def test_bad_numbers_say_which_variable() -> None:
