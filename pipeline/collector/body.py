@@ -21,8 +21,11 @@ Item = bytes | Any
 _LINES_TYPES = frozenset(
     {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
 )
-# text/plain is what navigator.sendBeacon sends without a CORS preflight.
-_SNIFFED_TYPES = frozenset({"", "application/json", "text/plain"})
+# text/plain is what navigator.sendBeacon sends without a CORS preflight, and
+# x-www-form-urlencoded what `curl -d` sends unless told otherwise.
+_SNIFFED_TYPES = frozenset(
+    {"", "application/json", "text/plain", "application/x-www-form-urlencoded"}
+)
 _ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip"})
 
 

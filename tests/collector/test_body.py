@@ -34,7 +34,9 @@ def test_json_lines_are_raw_lines_and_blank_lines_skipped() -> None:
     assert split_events(body, "application/x-ndjson", 10) == [b'{"a":1}', b"not json", b'{"b":2}']
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "", "application/json"])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "", "application/json", "application/x-www-form-urlencoded"]
+)
 def test_lines_are_sniffed_without_a_lines_type(content_type: str) -> None:
     """sendBeacon posts text/plain; several objects on lines still split per event."""
     body = b'{"a":1}\n{"b":2}'
@@ -50,7 +52,7 @@ def test_lines_are_sniffed_without_a_lines_type(content_type: str) -> None:
         (b"[1, 2", "application/json", 400),
         (b"{not json", "application/json", 400),
         (b"<xml/>", "application/xml", 415),
-        (b"a=1", "application/x-www-form-urlencoded", 415),
+        (b"a=1", "multipart/form-data; boundary=x", 415),
     ],
 )
 def test_bodies_that_are_not_a_batch(body: bytes, content_type: str, status: int) -> None:

@@ -32,7 +32,16 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 TOPICS_SCRIPT = ROOT / "deploy" / "kafka" / "create-topics.sh"
 
-LONG_RUNNING = ["kafka", "redis", "clickhouse", "worker", "prometheus", "alertmanager", "grafana"]
+LONG_RUNNING = [
+    "kafka",
+    "redis",
+    "clickhouse",
+    "worker",
+    "collector",
+    "prometheus",
+    "alertmanager",
+    "grafana",
+]
 
 
 def run_compose(env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -136,6 +145,7 @@ def test_long_running_services_report_health_and_restart() -> None:
             },
         ),
         ("simulator", {"kafka-init": "service_completed_successfully"}),
+        ("collector", {"kafka-init": "service_completed_successfully"}),
         ("prometheus", {"alertmanager": "service_healthy"}),
         ("grafana", {"prometheus": "service_healthy", "clickhouse": "service_healthy"}),
     ],
@@ -234,6 +244,30 @@ def test_prometheus_scrapes_every_worker_and_reads_the_generated_rules() -> None
     (sd,) = job["dns_sd_configs"]
     assert sd["names"] == ["worker"]
     assert str(sd["port"]) == service("worker")["environment"]["JOURNEY_WEB_PORT"]
+
+
+def test_collector_is_published_and_scraped_and_needs_keys(tmp_path: Path) -> None:
+    """The front door listens on all interfaces, Prometheus scrapes it, and keys are required."""
+    collector = service("collector")
+    assert collector["command"] == ["collector"]
+    env = collector["environment"]
+    assert env["JOURNEY_COLLECTOR_HOST"] == "0.0.0.0"
+    assert env["JOURNEY_KAFKA_URL"] == service("worker")["environment"]["JOURNEY_KAFKA_URL"]
+    assert [p["target"] for p in collector["ports"]] == [int(env["JOURNEY_COLLECTOR_PORT"])]
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "journey-collector"]
+    assert str(job["dns_sd_configs"][0]["port"]) == env["JOURNEY_COLLECTOR_PORT"]
+    without = tmp_path / ".env"
+    without.write_text(
+        "\n".join(
+            line
+            for line in ENV_EXAMPLE.read_text().splitlines()
+            if not line.startswith("COLLECTOR_KEYS=")
+        )
+    )
+    result = run_config(without)
+    assert result.returncode != 0
+    assert "COLLECTOR_KEYS" in result.stderr
 
 
 # ------------------------------------------------------------------ topics
