@@ -192,12 +192,16 @@ class Collector:
 
     @web.middleware
     async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """CORS headers on every answer, and the request counters."""
+        """CORS headers on every answer, JSON bodies for aiohttp's own errors, the counters."""
         started = time.perf_counter()
         try:
             response = await handler(request)
-        except web.HTTPException as exc:
-            response = exc
+        except web.HTTPException as exc:  # 404 and 405 from the router
+            response = json_response(
+                exc.status,
+                {"error": exc.reason.lower().replace(" ", "_"), "detail": exc.text or exc.reason},
+                **{k: v for k, v in exc.headers.items() if k == "Allow"},
+            )
         origin = request.headers.get("Origin")
         if origin and self._origin_allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = origin

@@ -223,6 +223,16 @@ async def test_refused_requests_write_nothing(
     ).replace("# TYPE journey_collector_events_total", "")
 
 
+async def test_wrong_routes_and_methods_answer_json(client: TestClient[Any, Any]) -> None:
+    missing = await client.post("/v2/events", json=event(), headers=bearer(WEB_KEY))
+    assert missing.status == 404
+    assert (await missing.json())["error"] == "not_found"
+    wrong = await client.get("/v1/events", headers=bearer(WEB_KEY))
+    assert wrong.status == 405
+    assert "POST" in wrong.headers["Allow"]
+    assert (await wrong.json())["error"] == "method_not_allowed"
+
+
 async def test_rate_limit_answers_429_with_retry_after(kafka: Service) -> None:
     client = await started(settings_for(kafka.url, collector_rate=1, collector_burst=100))
     try:

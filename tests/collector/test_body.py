@@ -29,6 +29,13 @@ def test_array_keeps_order_and_non_objects() -> None:
     ]
 
 
+@pytest.mark.parametrize("body", [b"null", b'"text"', b"42", b"[[1], null]"])
+def test_json_that_is_not_an_object_is_still_events(body: bytes) -> None:
+    """Each value becomes an event the validator rejects as not_object, answered per event."""
+    items = split_events(body, "application/json", 10)
+    assert items and all(not isinstance(i, dict) for i in items)
+
+
 def test_json_lines_are_raw_lines_and_blank_lines_skipped() -> None:
     body = b'{"a":1}\n\nnot json\r\n{"b":2}\n'
     assert split_events(body, "application/x-ndjson", 10) == [b'{"a":1}', b"not json", b'{"b":2}']
@@ -51,6 +58,9 @@ def test_lines_are_sniffed_without_a_lines_type(content_type: str) -> None:
         (b"[]", "application/json", 400),
         (b"[1, 2", "application/json", 400),
         (b"{not json", "application/json", 400),
+        (b"[" * 2000 + b"]" * 2000, "application/json", 400),  # deeper than any parser allows
+        ("\ufeff[{}]".encode(), "application/json", 400),  # a byte-order mark is not JSON
+        ("[{}]".encode("utf-16"), "application/json", 400),
         (b"<xml/>", "application/xml", 415),
         (b"a=1", "multipart/form-data; boundary=x", 415),
     ],
