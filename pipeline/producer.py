@@ -67,7 +67,7 @@ async def _aiter(records: AsyncIterable[Record] | Iterable[Record]) -> AsyncIter
                 await asyncio.sleep(0)  # a long sync source must not starve the sender task
 
 
-async def _start_producer(kafka_url: str, linger_ms: int) -> Any:
+async def start_producer(kafka_url: str, linger_ms: int) -> Any:
     """Start a producer, retrying while the broker is not reachable yet (e.g. just launched)."""
     servers = bootstrap_servers(kafka_url)
     async for attempt in AsyncRetrying(
@@ -115,7 +115,7 @@ async def produce_batches(
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
-    producer = await _start_producer(kafka_url, linger_ms)
+    producer = await start_producer(kafka_url, linger_ms)
     pending: deque[asyncio.Future[Any]] = deque()
     sent = 0
 

@@ -36,7 +36,7 @@ from pipeline.collector.body import BodyError, Item, decompress, split_events, t
 from pipeline.collector.keys import ApiKeys
 from pipeline.collector.ratelimit import RateLimiter
 from pipeline.events import Event, Rejection, Validator
-from pipeline.producer import _start_producer, bootstrap_servers
+from pipeline.producer import bootstrap_servers, start_producer
 from pipeline.settings import EVENTS_TOPIC, Settings
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class Collector:
         """Start the producer, retrying for as long as it takes; requests get 503 meanwhile."""
         while self.producer is None:
             try:
-                self.producer = await _start_producer(self.settings.kafka_url, PRODUCER_LINGER_MS)
+                self.producer = await start_producer(self.settings.kafka_url, PRODUCER_LINGER_MS)
             except Exception as exc:
                 self._kafka_down(f"unreachable ({type(exc).__name__}); retrying")
                 await asyncio.sleep(HEALTH_PROBE_SECONDS)

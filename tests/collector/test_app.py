@@ -85,8 +85,10 @@ async def client(kafka: Service) -> AsyncIterator[TestClient[Any, Any]]:
         await client.close()
 
 
-async def records(kafka_url: str, ids: set[str], timeout: float = 30) -> list[Any]:
-    """Every record in journey.events whose event_id (or raw text) is among ``ids``."""
+async def records(
+    kafka_url: str, ids: set[Any], timeout: float = 30, by: str = "event_id"
+) -> list[Any]:
+    """Every record in journey.events whose ``by`` field (or raw text) is among ``ids``."""
     import time
 
     consumer = AIOKafkaConsumer(
@@ -110,7 +112,7 @@ async def records(kafka_url: str, ids: set[str], timeout: float = 30) -> list[An
                         value = orjson.loads(record.value)
                     except orjson.JSONDecodeError:
                         value = record.value
-                    tag = value.get("event_id") if isinstance(value, dict) else value
+                    tag = value.get(by) if isinstance(value, dict) else value
                     if tag in ids:
                         found.append(record)
     finally:
