@@ -245,6 +245,13 @@ def simulate(
     default=None,
     help="Write a self-contained HTML page (charts, works offline) to this file instead.",
 )
+@click.option(
+    "--scorecard",
+    "with_scorecard",
+    is_flag=True,
+    help="Show the scorecards instead: journeys and channels ranked by score, stage KPIs "
+    "against the previous period, and where customers are lost.",
+)
 def report(
     since: datetime | None,
     until: datetime | None,
@@ -252,6 +259,7 @@ def report(
     worker_url: str | None,
     as_json: bool,
     html_file: Path | None,
+    with_scorecard: bool,
 ) -> None:
     """Funnel, drop-off, time in stage, hand-offs, consistency and CSAT/NPS from ClickHouse.
 
@@ -259,21 +267,27 @@ def report(
     funnel's "journey" and "stages", then "dropoff", "time_in_stage",
     "handoffs", "consistency" and "feedback". --html writes the funnel, a
     stage-flow diagram per channel, drop-off by stage and channel and
-    consistency over time to one page.
+    consistency over time to one page, with the scorecard. --scorecard shows the
+    journeys ranked by score instead (with --json: each object gains "scorecard",
+    best journey first).
     """
     from pipeline.report import REPORT_END, REPORT_START, render
 
     settings = _settings()
+    now = datetime.now(UTC)
+    scorecards = with_scorecard or html_file is not None
     until = until.replace(tzinfo=UTC) if until else REPORT_END
     if days is not None:
-        since = datetime.now(UTC) - timedelta(days=days)
+        since = now - timedelta(days=days)
     since = since.replace(tzinfo=UTC) if since else REPORT_START
     if worker_url is None and settings.clickhouse_dsn.startswith("chdb:"):
         candidate = f"http://127.0.0.1:{settings.web_port}"
         if _worker_alive(candidate):
             worker_url = candidate
     if worker_url:
-        query = urllib.parse.urlencode({"since": since.isoformat(), "until": until.isoformat()})
+        query = urllib.parse.urlencode(
+            {"since": since.isoformat(), "until": until.isoformat(), "scorecard": int(scorecards)}
+        )
         try:
             with urllib.request.urlopen(f"{worker_url}/report?{query}", timeout=60) as resp:
                 # A worker of an older version sends the funnel alone; render skips what is missing.
@@ -281,7 +295,21 @@ def report(
         except (urllib.error.URLError, OSError) as exc:
             raise click.ClickException(f"could not ask the worker at {worker_url}: {exc}") from exc
     else:
-        reports = _reports_direct(settings, since, until, html_extras=html_file is not None)
+        reports = _reports_direct(
+            settings,
+            since,
+            until,
+            html_extras=html_file is not None,
+            scorecards_at=now if scorecards else None,
+        )
+    if with_scorecard:
+        from pipeline.scorecard import rank, render_scorecards
+
+        if not all("scorecard" in r for r in reports):
+            raise click.ClickException(
+                f"the worker at {worker_url} sends no scorecards: it is older than this command"
+            )
+        reports = rank(reports)
     if html_file is not None:
         from pipeline.html_report import render_html
 
@@ -303,6 +331,8 @@ def report(
         return
     if as_json:
         click.echo(orjson.dumps(reports).decode())
+    elif with_scorecard:
+        render_scorecards(reports, settings.channels, Console())
     else:
         render(reports, settings.channels, Console())
 
@@ -316,12 +346,18 @@ def _worker_alive(url: str) -> bool:
 
 
 def _reports_direct(
-    settings: Settings, since: datetime, until: datetime, html_extras: bool = False
+    settings: Settings,
+    since: datetime,
+    until: datetime,
+    html_extras: bool = False,
+    scorecards_at: datetime | None = None,
 ) -> list[dict[str, Any]]:
+    """Every journey's report from ClickHouse; with ``scorecards_at`` (now), its scorecard too."""
     import clickhouse_connect
 
     from pipeline.report import html_extras as extras
     from pipeline.report import journey_report
+    from pipeline.scorecard import scorecard
 
     try:
         client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)
@@ -339,6 +375,11 @@ def _reports_direct(
             {
                 **journey_report(client, j, since, until),
                 **(extras(client, j, since, until) if html_extras else {}),
+                **(
+                    {"scorecard": scorecard(client, j, since, until, scorecards_at)}
+                    if scorecards_at is not None
+                    else {}
+                ),
             }
             for j in journeys
         ]

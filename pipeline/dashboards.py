@@ -50,8 +50,15 @@ from pipeline.alerting import (
     stage_exits,
 )
 from pipeline.consistency import MIN_EXITS
-from pipeline.journeys import Journey, load_journeys
+from pipeline.journeys import SCORE_COMPONENTS, Journey, load_journeys
 from pipeline.report import CONSISTENCY_SQL
+from pipeline.scorecard import (
+    DURATION_PROPERTY,
+    PERIOD,
+    REVENUE_PROPERTY,
+    MeasureQuery,
+    measure_queries,
+)
 from pipeline.stages import ENTRY_KINDS
 
 JSON = dict[str, Any]
@@ -150,6 +157,84 @@ def consistency_sql() -> str:
             raise ValueError(f"report.CONSISTENCY_SQL no longer contains {old!r}: update this")
         text = text.replace(old, new)
     return text
+
+
+def _literal(value: Any) -> str:
+    """A bound parameter's value as a SQL literal: a string, or an array of strings."""
+    if isinstance(value, str):
+        return _sql_str(value)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return "[" + ", ".join(_sql_str(v) for v in value) + "]"
+    raise ValueError(f"cannot write {value!r} into a panel query")
+
+
+def inline_parameters(text: str, params: Mapping[str, Any]) -> str:
+    """A report query's ``{name:Type}`` parameters written in as literals, for a panel.
+
+    Only ever given names from the validated journey file (event types, stage
+    and property names), never event data. The period becomes Grafana's time
+    filter; a parameter without a value is an error rather than a broken panel.
+    """
+    text = text.replace(PERIOD, CH_PERIOD)
+
+    def replace(m: re.Match[str]) -> str:
+        if m.group(1) not in params:
+            raise ValueError(f"no value for the query parameter {m.group(0)}")
+        return _literal(params[m.group(1)])
+
+    return re.sub(r"\{(\w+):[^{}]+\}", replace, text)
+
+
+def _measure_subquery(q: MeasureQuery) -> str:
+    """One measured KPI as a scalar subquery over the period and the selected channels."""
+    value = inline_parameters(q.value, q.params)
+    where = inline_parameters(q.where(), q.params)
+    return (
+        f"(SELECT toNullable(toFloat64({value})) FROM {q.table} FINAL "
+        f"WHERE {where} AND {CH_CHANNEL})"
+    )
+
+
+def kpi_sql(journeys: Sequence[Journey]) -> str:
+    """Every stage KPI of the selected journey over the period, as pipeline.scorecard defines them.
+
+    Built from ``scorecard.measure_queries`` (the report's own SQL parts) so the
+    panel and ``journey report --scorecard`` cannot drift: one row per KPI in
+    file order, a ratio dividing its two measures' subqueries.
+    """
+    rows: list[str] = []
+    for journey in journeys:
+        measured = {(q.stage, q.kpi): _measure_subquery(q) for q in measure_queries(journey)}
+        for stage in journey.stages:
+            for k in stage.kpis:
+                if k.operands is None:
+                    value = measured[(stage.name, k.name)]
+                else:
+                    numerator, denominator = (measured[(stage.name, o)] for o in k.operands)
+                    value = f"{numerator} / nullIf({denominator}, 0)"
+                rows.append(
+                    f"SELECT {len(rows)} AS position, {_sql_str(stage.name)} AS stage, "
+                    f"{_sql_str(k.name)} AS kpi, {value} AS value\n"
+                    f"WHERE '${{journey}}' = {_sql_str(journey.name)}"
+                )
+    if not rows:
+        return "SELECT 0 AS position, '' AS stage, '' AS kpi, NULL AS value WHERE 0"
+    return (
+        "SELECT stage, kpi, value FROM (\n" + "\nUNION ALL\n".join(rows) + "\n)\nORDER BY position"
+    )
+
+
+def stage_of_type_sql(journeys: Sequence[Journey]) -> str:
+    """The stage an event type belongs to in the selected journey (the furthest listing it)."""
+    cases = []
+    for journey in journeys:
+        for stage in reversed(journey.stages):
+            types = sorted({r.event_type for r in stage.rules})
+            cases.append(
+                f"'${{journey}}' = {_sql_str(journey.name)} AND event_type IN "
+                f"({', '.join(_sql_str(x) for x in types)}), {_sql_str(stage.name)}"
+            )
+    return "multiIf(" + ", ".join(cases) + ", '')" if cases else "''"
 
 
 def _either_channel(build: Callable[[str], str]) -> str:
@@ -1343,6 +1428,238 @@ def pipeline_health(w: RuleWindows) -> JSON:
     )
 
 
+def scorecards(journeys: Sequence[Journey]) -> JSON:
+    stage_order = stages_sql(journeys)
+    b = Board()
+    b.row("Live (Prometheus)")
+    b.add(
+        stat(
+            "Journey score now",
+            "0–100: the weighted mean of the components below over the workers' consistency "
+            "window (JOURNEY_CONSISTENCY_WINDOW_SECONDS of event time). No value while no "
+            "component can be judged.",
+            [prom(f"max(journey_score{{{JOURNEY}}})", "score", instant=True)],
+            unit="none",
+        ),
+        w=6,
+    )
+    b.add(
+        bargauge(
+            "Score components now (0–1, 1 best)",
+            "conversion: reached the goal / reached the first stage; dropoff: 1 − dropped / "
+            "exits; time_to_goal: 1 − median time to goal / the journey's time limit; "
+            "satisfaction: CSAT and NPS scaled to 0–1. A component without data has no bar.",
+            [
+                prom(
+                    f'max(journey_score_component{{{JOURNEY}, component="{c}"}})',
+                    c,
+                    ref=_ref(i),
+                    instant=True,
+                )
+                for i, c in enumerate(SCORE_COMPONENTS)
+            ],
+            unit="percentunit",
+        ),
+        w=9,
+    )
+    b.add(
+        bargauge(
+            "Channel scores now",
+            "The score of the customers each channel carried: its progression through the "
+            "stages before the goal, its drop-off, time to goal and satisfaction.",
+            [
+                prom(
+                    f"max by (channel) (journey_channel_score{{{JOURNEY_CHANNEL}}})",
+                    "{{channel}}",
+                    instant=True,
+                )
+            ],
+            unit="none",
+        ),
+        w=9,
+    )
+    b.add(
+        timeseries(
+            "Journey score over time",
+            "The live score (left axis) and its components (right axis, 0–1).",
+            [
+                prom(f"max(journey_score{{{JOURNEY}}})", "score"),
+                prom(
+                    f"max by (component) (journey_score_component{{{JOURNEY}}})",
+                    "{{component}}",
+                    ref="B",
+                ),
+            ],
+            unit="none",
+            overrides=[
+                override(
+                    "byFrameRefID", "B", unit="percentunit", max=1, custom__axisPlacement="right"
+                )
+            ],
+        ),
+        w=24,
+    )
+    b.row("Any period (ClickHouse)")
+    b.add(
+        table(
+            "Stage KPIs (period)",
+            "The KPIs the journey file declares per stage, on the selected channels, exactly "
+            "as journey report --scorecard computes them (empty: no value, e.g. a ratio with "
+            "nothing to divide by).",
+            [sql(kpi_sql(journeys))],
+            decimals=2,
+        ),
+        w=12,
+        h=12,
+    )
+    b.add(
+        table(
+            "Worst channel per stage (period)",
+            f"Per stage, the channel with the lowest progression ratio (advanced / exits) among "
+            f"those with at least {MIN_EXITS} exits, and how far below the other channels' mean "
+            "it is.",
+            [
+                sql(
+                    f"""
+SELECT stage, argMin(channel, ratio) AS worst_channel, min(ratio) AS progression,
+       (sum(ratio) - min(ratio)) / (count() - 1) AS others, others - progression AS gap
+FROM (
+  SELECT from_stage AS stage, channel, countIf(kind = 'advanced') / count() AS ratio
+  FROM journey.transitions FINAL
+  WHERE {CH_JOURNEY} AND kind IN ('advanced', 'dropped')
+    AND {CH_PERIOD}
+  GROUP BY stage, channel
+  HAVING count() >= {MIN_EXITS}
+)
+GROUP BY stage
+HAVING count() >= 2
+ORDER BY indexOf({stage_order}, stage)
+"""
+                )
+            ],
+            unit="percentunit",
+            decimals=1,
+        ),
+        w=12,
+        h=6,
+    )
+    b.add(
+        table(
+            "Where customers are lost (period)",
+            "Drop-offs per stage, most first: the stage losing most customers on top.",
+            [
+                sql(
+                    f"""
+SELECT from_stage AS stage, countIf(kind = 'dropped') AS dropped, count() AS exits,
+       dropped / exits AS dropoff
+FROM journey.transitions FINAL
+WHERE {CH_JOURNEY} AND kind IN ('advanced', 'dropped')
+  AND {CH_PERIOD}
+  AND {CH_CHANNEL}
+GROUP BY stage
+ORDER BY dropped DESC, indexOf({stage_order}, stage)
+"""
+                )
+            ],
+            overrides=[override("byName", "dropoff", unit="percentunit", decimals=1)],
+        ),
+        w=12,
+        h=6,
+    )
+    b.add(
+        table(
+            "Channel performance per stage (period)",
+            "Progression and drop-off of each channel's exits, and the mean and p90 time in "
+            "stage of those who left (advanced, dropped or regressed).",
+            [
+                sql(
+                    f"""
+SELECT from_stage AS stage, channel,
+       countIf(kind IN ('advanced', 'dropped')) AS exits,
+       if(exits = 0, NULL, countIf(kind = 'advanced') / exits) AS progression,
+       if(exits = 0, NULL, countIf(kind = 'dropped') / exits) AS dropoff,
+       avg(seconds_in_previous) AS avg_time,
+       quantileExactInclusive(0.9)(seconds_in_previous) AS p90_time
+FROM journey.transitions FINAL
+WHERE {CH_JOURNEY} AND kind IN ('advanced', 'dropped', 'regressed')
+  AND {CH_PERIOD}
+  AND {CH_CHANNEL}
+GROUP BY stage, channel
+ORDER BY indexOf({stage_order}, stage), channel
+"""
+                )
+            ],
+            overrides=[
+                override("byRegexp", "/progression|dropoff/", unit="percentunit", decimals=1),
+                override("byRegexp", "/_time$/", unit="s", decimals=0),
+            ],
+        ),
+        w=12,
+        h=9,
+    )
+    b.add(
+        table(
+            "Satisfaction, handling time and revenue per stage and channel (period)",
+            "CSAT (mean, 1–5) and NPS (% promoters 9–10 − % detractors 0–6) of the answers "
+            f"given in the stage; handling time: mean `{DURATION_PROPERTY}` (seconds) of the "
+            f"channel's events of the stage; revenue: sum of `{REVENUE_PROPERTY}`.",
+            [
+                sql(
+                    f"""
+SELECT stage, channel,
+       anyIf(csat, source = 'feedback') AS mean_csat,
+       anyIf(nps, source = 'feedback') AS nps_score,
+       anyIf(handling, source = 'events') AS handling_time,
+       anyIf(revenue, source = 'events') AS revenue
+FROM (
+  SELECT 'feedback' AS source, stage, channel,
+         if(count(csat) = 0, NULL, avg(csat)) AS csat,
+         if(count(nps) = 0, NULL,
+            100 * (countIf(nps >= 9) - countIf(nps <= 6)) / count(nps)) AS nps,
+         CAST(NULL AS Nullable(Float64)) AS handling, CAST(NULL AS Nullable(Float64)) AS revenue
+  FROM journey.feedback FINAL
+  WHERE {CH_JOURNEY} AND stage != '' AND {CH_PERIOD} AND {CH_CHANNEL}
+  GROUP BY stage, channel
+  UNION ALL
+  SELECT 'events', stage, channel, NULL, NULL,
+         if(count(duration) = 0, NULL, avg(duration)),
+         if(count(value) = 0, NULL, sum(value))
+  FROM (
+    SELECT channel, {stage_of_type_sql(journeys)} AS stage,
+           if(JSONType(properties, {_sql_str(DURATION_PROPERTY)}) IN ('Int64', 'UInt64', 'Double')
+              AND JSONExtractFloat(properties, {_sql_str(DURATION_PROPERTY)}) >= 0,
+              JSONExtractFloat(properties, {_sql_str(DURATION_PROPERTY)}), NULL) AS duration,
+           if(JSONType(properties, {_sql_str(REVENUE_PROPERTY)}) IN ('Int64', 'UInt64', 'Double'),
+              JSONExtractFloat(properties, {_sql_str(REVENUE_PROPERTY)}), NULL) AS value
+    FROM journey.events FINAL
+    WHERE {CH_PERIOD} AND {CH_CHANNEL}
+  )
+  WHERE stage != '' AND (duration IS NOT NULL OR value IS NOT NULL)
+  GROUP BY stage, channel
+)
+GROUP BY stage, channel
+ORDER BY indexOf({stage_order}, stage), channel
+"""
+                )
+            ],
+            decimals=2,
+            overrides=[override("byName", "handling_time", unit="s", decimals=0)],
+        ),
+        w=12,
+        h=9,
+    )
+    return dashboard(
+        "journey-scorecard",
+        "Journey scorecard",
+        "The journey score and its components live (Prometheus), and each stage's KPIs, the "
+        "worst channels and where customers are lost over any period (ClickHouse).",
+        b,
+        journey_variables(),
+        time_from="now-7d",
+        refresh="1m",
+    )
+
+
 def _ref(i: int) -> str:
     return chr(ord("A") + i)
 
@@ -1360,6 +1677,7 @@ def generate_dashboards(
         journey_live(journeys, windows),
         channels_and_consistency(journeys, windows),
         funnels_and_time_in_stage(journeys),
+        scorecards(journeys),
         pipeline_health(windows),
     ]
     return {f"{b['uid']}.json": b for b in boards}
@@ -1575,8 +1893,10 @@ __all__ = [
     "clickhouse_query",
     "consistency_sql",
     "generate_dashboards",
+    "inline_parameters",
     "interpolate",
     "iter_targets",
+    "kpi_sql",
     "prometheus_query",
     "render",
     "stages_sql",

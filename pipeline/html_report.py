@@ -3,9 +3,11 @@
 Pure rendering: it takes the dicts ``pipeline.report.journey_report`` returns,
 plus ``flows`` and ``consistency_over_time`` from ``pipeline.report.html_extras``
 when ClickHouse was read directly (a worker's ``/report`` does not send them; the
-page then says what it left out). Everything is inline (CSS, SVG drawn here), so
-the page works offline. Every name from the data goes through ``html.escape``;
-the output is also well-formed XML, so tests can parse it whole.
+page then says what it left out), and ``scorecard`` from ``pipeline.scorecard``
+when there is one (journeys ranked at the top, a scorecard per journey).
+Everything is inline (CSS, SVG drawn here), so the page works offline. Every
+name from the data goes through ``html.escape``; the output is also
+well-formed XML, so tests can parse it whole.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
-from pipeline.report import REPORT_END, REPORT_START
+from pipeline.journeys import SCORE_COMPONENTS
+from pipeline.report import REPORT_END, REPORT_START, human_duration
+from pipeline.scorecard import format_value
 
 MISSING = "–"
 
@@ -32,6 +36,8 @@ table { border-collapse: collapse; margin: 0.5em 0 1em; }
 th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
+.better { color: #1a7f37; } .worse { color: #c62828; }
+.score { font-size: 1.6em; font-weight: bold; }
 svg { display: block; margin: 0.5em 0; font-size: 12px; }
 svg text { fill: #333; }
 .charts { display: flex; flex-wrap: wrap; gap: 1em; }
@@ -101,6 +107,9 @@ def render_html(
     parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
     if not reports:
         parts.append('<p class="nodata">No journeys to report.</p>')
+    cards = [r["scorecard"] for r in reports if "scorecard" in r]
+    if cards:
+        parts.append(_ranking(cards))
     for report in reports:
         parts.append(_journey(report, channels))
     parts.append("</body></html>")
@@ -109,6 +118,9 @@ def render_html(
 
 def _journey(report: Mapping[str, Any], channels: Sequence[str]) -> str:
     out = [f"<section><h2>Journey {_e(report['journey'])}</h2>"]
+    if "scorecard" in report:
+        out.append("<h3>Scorecard</h3>")
+        out.append(_scorecard(report["scorecard"], channels))
     if not any(s["reached"] for s in report["stages"]):
         out.append('<p class="nodata">No data: no transitions in this period.</p></section>')
         return "\n".join(out)
@@ -422,3 +434,160 @@ def _consistency_overall(section: Mapping[str, Any] | None) -> str:
         for s in section["stages"]
     )
     return f"{note}<table><thead><tr><th>stage</th><th>index</th></tr></thead>{rows}</table>"
+
+
+# ---------------------------------------------------------------- scorecard
+
+
+def _score(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.1f}"
+
+
+def _change(change: Mapping[str, Any]) -> str:
+    """An arrow and the relative change, green when better, red when worse."""
+    direction = change.get("direction")
+    if direction is None:
+        return MISSING
+    if direction == "same":
+        return "="
+    arrow = "↑" if direction == "up" else "↓"
+    relative = change.get("relative")
+    text = arrow if relative is None else f"{arrow} {abs(relative):.1%}"
+    return f'<span class="{"better" if change.get("improved") else "worse"}">{text}</span>'
+
+
+def _component(name: str, c: Mapping[str, Any]) -> str:
+    """A component's raw figure, as a person would quote it."""
+    if name == "conversion":
+        if "reached_first" in c:
+            return f"{_percent(c['value'])} ({c['reached_goal']}/{c['reached_first']})"
+        return _percent(c["value"])
+    if name == "dropoff":
+        return f"{_percent(c['dropoff'])} of {c['exits']} exits"
+    if name == "time_to_goal":
+        return f"{human_duration(c['median_seconds'])} median ({c['customers']} customers)"
+    nps = c["nps"]
+    return (
+        f"CSAT {format_value(c['csat'])}, NPS {MISSING if nps is None else f'{nps:+.0f}'}"
+        if c["csat"] is not None or nps is not None
+        else MISSING
+    )
+
+
+def _ranking(cards: Sequence[Mapping[str, Any]]) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in SCORE_COMPONENTS)
+    rows = "".join(
+        f"<tr><td>{_e(card.get('rank', ''))}</td><td>{_e(card['journey'])}</td>"
+        f"<td>{_score(card['score'])}</td><td>{_change(card['score_change'])}</td>"
+        + "".join(f"<td>{_e(_component(c, card['components'][c]))}</td>" for c in SCORE_COMPONENTS)
+        + "</tr>"
+        for card in sorted(cards, key=lambda c: c.get("rank", 0))
+    )
+    return (
+        "<h2>Journeys ranked by score</h2>"
+        f"<table><thead><tr><th>rank</th><th>journey</th><th>score</th><th>vs previous</th>"
+        f"{head}</tr></thead><tbody>{rows}</tbody></table>"
+        '<p class="meta">Score 0–100: the weighted mean of the components that have data '
+        "(each 0–1, 1 best); the components are shown so nobody has to trust one number.</p>"
+    )
+
+
+def _scorecard(card: Mapping[str, Any], channels: Sequence[str]) -> str:
+    weights = ", ".join(f"{_e(c)} {card['components'][c]['weight']:g}" for c in SCORE_COMPONENTS)
+    parts = [
+        f'<p><span class="score">{_score(card["score"])}</span> / 100 '
+        f"(goal: {_e(card['goal'])}; weights: {weights})</p>"
+    ]
+    ranked = "".join(
+        f"<tr><td>{ch['rank']}</td><td>{_e(ch['channel'])}</td><td>{_score(ch['score'])}</td>"
+        + "".join(f"<td>{_e(_component(c, ch['components'][c]))}</td>" for c in SCORE_COMPONENTS)
+        + "</tr>"
+        for ch in card["channels"]
+    )
+    head = "".join(f"<th>{_e(c)}</th>" for c in SCORE_COMPONENTS)
+    parts.append(
+        "<h4>Channels ranked</h4>"
+        + (
+            f"<table><thead><tr><th>rank</th><th>channel</th><th>score</th>{head}</tr></thead>"
+            f"<tbody>{ranked}</tbody></table>"
+            if ranked
+            else '<p class="nodata">No data: no channel carried anyone in this period.</p>'
+        )
+    )
+    period = card["previous_period"]
+    against = (
+        f"the previous period ({_e(period['since'])} to {_e(period['until'])})"
+        if period
+        else "nothing: all of history has no previous period"
+    )
+    kpi_rows = "".join(
+        f"<tr><td>{_e(s['stage']) if i == 0 else ''}</td><td>{_e(k['name'])}</td>"
+        f"<td>{_e(format_value(k['value'], k['unit']))}</td>"
+        f"<td>{_e(format_value(k['previous'], k['unit']))}</td><td>{_change(k)}</td></tr>"
+        for s in card["stages"]
+        for i, k in enumerate(s["kpis"])
+    )
+    parts.append(
+        f"<h4>Stage KPIs against {against}</h4>"
+        + (
+            "<table><thead><tr><th>stage</th><th>KPI</th><th>value</th><th>previous</th>"
+            f"<th>change</th></tr></thead><tbody>{kpi_rows}</tbody></table>"
+            if kpi_rows
+            else '<p class="nodata">The journey file declares no KPIs for this journey.</p>'
+        )
+    )
+    perf_rows = []
+    for s in card["stages"]:
+        for i, ch in enumerate(_ordered(channels, s["channels"])):
+            c = s["channels"][ch]
+            effect = c["consistency_effect"]
+            nps = c["nps"]
+            cells = [
+                str(c["exits"]),
+                _percent(c["progression"]),
+                _percent(c["dropoff"]),
+                human_duration(c["time_in_stage"]["avg"]),
+                human_duration(c["time_in_stage"]["p90"]),
+                format_value(c["csat"]),
+                MISSING if nps is None else f"{nps:+.0f}",
+                human_duration(c["handling_time"]),
+                format_value(c["revenue"]),
+                MISSING if effect is None else f"{effect:+.2f}",
+            ]
+            perf_rows.append(
+                f"<tr><td>{_e(s['stage']) if i == 0 else ''}</td><td>{_e(ch)}</td>"
+                + "".join(f"<td>{_e(x)}</td>" for x in cells)
+                + "</tr>"
+            )
+    columns = ["exits", "progression", "drop-off", "avg time", "p90 time", "CSAT", "NPS"]
+    columns += ["handling", "revenue", "consistency ±"]
+    parts.append(
+        "<h4>Channel performance by stage</h4>"
+        "<table><thead><tr><th>stage</th><th>channel</th>"
+        + "".join(f"<th>{c}</th>" for c in columns)
+        + f"</tr></thead><tbody>{''.join(perf_rows)}</tbody></table>"
+        '<p class="meta">handling: mean <code>duration</code> of the channel\'s events of the '
+        "stage; revenue: sum of <code>order_value</code>; consistency ±: the stage's index "
+        "with the channel minus without it.</p>"
+    )
+    look = []
+    lost = card["most_lost"]
+    if lost is not None:
+        look.append(
+            f"<li>Most customers are lost at <b>{_e(lost['stage'])}</b>: {lost['dropped']} "
+            f"dropped ({_percent(lost['dropoff'])} of {lost['exits']} exits).</li>"
+        )
+    for s in card["stages"]:
+        w = s["worst_channel"]
+        if w is not None:
+            note = " (few exits: every channel compared)" if w["low_volume"] else ""
+            look.append(
+                f"<li>{_e(s['stage'])}: <b>{_e(w['channel'])}</b> carries "
+                f"{_percent(w['progression'])} forward, {w['gap'] * 100:.1f} points below the "
+                f"other channels ({_percent(w['others'])}), over {w['exits']} exits{_e(note)}.</li>"
+            )
+    parts.append(
+        "<h4>Where to look</h4>"
+        + (f"<ul>{''.join(look)}</ul>" if look else '<p class="nodata">Nothing stands out.</p>')
+    )
+    return "\n".join(parts)

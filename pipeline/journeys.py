@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +25,9 @@ Scalar = str | int | float | bool | None
 Properties = Mapping[str, Scalar]
 DwellFrom = Literal["entered", "last_activity"]
 Op = Literal["eq", "ne", "gt", "gte", "lt", "lte", "in"]
+KpiKind = Literal["count", "customers", "sum", "avg", "flow", "survey", "ratio"]
+KpiUnit = Literal["number", "percent", "seconds"]
+Better = Literal["higher", "lower"]
 
 DEFAULT_SOURCE = "pipeline/data/default_journey.yaml"
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -121,6 +124,27 @@ class EventRule:
 
 
 @dataclass(frozen=True, slots=True)
+class Kpi:
+    """One measure a stage is judged by (``kpis:`` in the file); pipeline/scorecard.py computes it.
+
+    ``kind`` says which fields matter: ``event_types`` for count and customers,
+    plus ``prop`` for sum and avg; ``measure`` and ``stage`` for flow and
+    survey (``stage`` None on a survey: answers from any stage); ``operands``
+    (two other non-ratio KPIs of the stage) for ratio.
+    """
+
+    name: str
+    kind: KpiKind
+    event_types: tuple[str, ...] = ()
+    prop: str | None = None
+    measure: str | None = None
+    stage: str | None = None
+    operands: tuple[str, str] | None = None
+    unit: KpiUnit = "number"
+    better: Better = "higher"
+
+
+@dataclass(frozen=True, slots=True)
 class Stage:
     name: str
     index: int
@@ -130,6 +154,40 @@ class Stage:
     # Drop-off ratio above which the generated Prometheus rules alert; None: the
     # generator's default for stages with max_dwell (see pipeline/alerting.py).
     dropoff_alert_ratio: float | None = None
+    kpis: tuple[Kpi, ...] = ()
+
+
+SCORE_COMPONENTS = ("conversion", "dropoff", "time_to_goal", "satisfaction")
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """How much each score component counts; only their proportions matter."""
+
+    conversion: float
+    dropoff: float
+    time_to_goal: float
+    satisfaction: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {c: float(getattr(self, c)) for c in SCORE_COMPONENTS}
+
+
+# Conversion to the goal matters most; the other three share the rest evenly.
+DEFAULT_WEIGHTS = Weights(conversion=0.4, dropoff=0.2, time_to_goal=0.2, satisfaction=0.2)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreSpec:
+    """How a journey is scored (``score:`` in the file, defaults filled in by ``Journey.scoring``).
+
+    ``time_limit`` None: the time-to-goal component cannot be judged and is
+    left out of the score (its weight goes to the others).
+    """
+
+    goal: str
+    weights: Weights
+    time_limit: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +195,8 @@ class Journey:
     name: str
     allow_regression: bool
     stages: tuple[Stage, ...]
+    # As written in the file (None: no ``score:``); ``scoring`` fills in the defaults.
+    score: ScoreSpec | None = None
     # event_type -> (stage, rule), furthest stage first: matching only looks at that type's rules.
     _by_type: Mapping[str, tuple[tuple[Stage, EventRule], ...]] = field(
         init=False, repr=False, compare=False, hash=False
@@ -169,6 +229,26 @@ class Journey:
     @property
     def stage_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.stages)
+
+    @property
+    def scoring(self) -> ScoreSpec:
+        """The score's goal, weights and time limit, with the defaults for what the file left out.
+
+        Defaults: the goal is the last stage, the weights are DEFAULT_WEIGHTS,
+        and the time limit is the ``max_dwell`` of the stages before the goal
+        added up (the longest a customer can take without dropping off); None
+        when one of them has no ``max_dwell``.
+        """
+        given = self.score
+        goal = given.goal if given is not None else self.stages[-1].name
+        weights = given.weights if given is not None else DEFAULT_WEIGHTS
+        limit = given.time_limit if given is not None else None
+        if limit is None:
+            before = self.stages[: self.stage(goal).index]
+            dwells = [s.max_dwell for s in before]
+            if before and all(d is not None for d in dwells):
+                limit = sum(d for d in dwells if d is not None)
+        return ScoreSpec(goal, weights, limit)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -227,6 +307,9 @@ def _fmt_path(path: Sequence[PathElem]) -> str:
 
 _HINTS = {
     "max_dwell": "a whole number and a unit s, m, h or d, e.g. 7d",
+    "time_limit": "a whole number and a unit s, m, h or d, e.g. 21d",
+    "sum": "a property name: letters, digits and _, not starting with a digit",
+    "avg": "a property name: letters, digits and _, not starting with a digit",
     "name": "lower-case letters, digits and _, starting with a letter, at most 64 characters",
 }
 
@@ -305,6 +388,126 @@ def _rule(entry: str | Mapping[str, Any]) -> EventRule:
     return EventRule(event_type, _conditions(spec))
 
 
+_MEASURE_KEYS: tuple[KpiKind, ...] = ("count", "customers", "sum", "avg", "flow", "survey", "ratio")
+# Keys that only some kinds take: which kinds.
+_KPI_ONLY: Mapping[str, tuple[KpiKind, ...]] = {
+    "of": ("sum", "avg"),
+    "stage": ("flow", "survey"),
+    "any_stage": ("survey",),
+}
+
+Fail = Callable[[list[PathElem], str], JourneyFileError]
+
+
+def _kpis(
+    spec: Mapping[str, Mapping[str, Any]],
+    stage: str,
+    stage_names: Sequence[str],
+    here: list[PathElem],
+    fail: Fail,
+) -> tuple[Kpi, ...]:
+    """A stage's ``kpis:`` checked beyond the schema: one measure each, operands that exist."""
+    kpis: list[Kpi] = []
+    for name, kspec in spec.items():
+        at: list[PathElem] = [*here, "kpis", name]
+        where = _fmt_path(at)
+        kinds = [k for k in _MEASURE_KEYS if k in kspec]
+        if len(kinds) != 1:
+            found = " and ".join(kinds) if kinds else "none"
+            raise fail(
+                at,
+                f"{where}: a KPI names exactly one of {', '.join(_MEASURE_KEYS)} (found {found})",
+            )
+        kind = kinds[0]
+        for key, takers in _KPI_ONLY.items():
+            if key in kspec and kind not in takers:
+                raise fail(
+                    [*at, key],
+                    f"{where}.{key}: only a {' or '.join(takers)} KPI takes {key!r}, not {kind}",
+                )
+        target: str | None = stage
+        if kind in ("flow", "survey"):
+            if kspec.get("any_stage"):
+                if "stage" in kspec:
+                    raise fail([*at, "stage"], f"{where}: give stage or any_stage, not both")
+                target = None
+            elif "stage" in kspec:
+                target = kspec["stage"]
+                if target not in stage_names:
+                    raise fail(
+                        [*at, "stage"],
+                        f"{where}.stage: {target!r} is not a stage of this journey "
+                        f"(stages: {', '.join(stage_names)})",
+                    )
+        operands: tuple[str, str] | None = None
+        if kind == "ratio":
+            numerator, denominator = kspec["ratio"]
+            operands = (numerator, denominator)
+            for i, operand in enumerate(operands):
+                if operand not in spec:
+                    known = ", ".join(n for n in spec if n != name) or "none"
+                    raise fail(
+                        [*at, "ratio", i],
+                        f"{where}.ratio: {operand!r} is not a KPI of stage {stage!r} "
+                        f"(its KPIs: {known})",
+                    )
+                if "ratio" in spec[operand]:
+                    raise fail(
+                        [*at, "ratio", i],
+                        f"{where}.ratio: {operand!r} is a ratio itself; a ratio divides two "
+                        "counts, sums, averages, flows or survey figures",
+                    )
+        kpis.append(
+            Kpi(
+                name=name,
+                kind=kind,
+                event_types=tuple(kspec.get("of", kspec[kind]))
+                if kind in ("count", "customers", "sum", "avg")
+                else (),
+                prop=kspec[kind] if kind in ("sum", "avg") else None,
+                measure=kspec[kind] if kind in ("flow", "survey") else None,
+                stage=target if kind in ("flow", "survey") else None,
+                operands=operands,
+                unit=kspec.get("unit", "number"),
+                better=kspec.get("better", "higher"),
+            )
+        )
+    return tuple(kpis)
+
+
+def _score(
+    spec: Mapping[str, Any], stage_names: Sequence[str], here: list[PathElem], fail: Fail
+) -> ScoreSpec:
+    """A journey's ``score:``: a goal after the first stage, weights that are not all zero."""
+    where = _fmt_path([*here, "score"])
+    goal = spec.get("goal", stage_names[-1])
+    if goal not in stage_names:
+        raise fail(
+            [*here, "score", "goal"],
+            f"{where}.goal: {goal!r} is not a stage of this journey "
+            f"(stages: {', '.join(stage_names)})",
+        )
+    if goal == stage_names[0]:
+        raise fail(
+            [*here, "score", "goal"],
+            f"{where}.goal: the goal cannot be the first stage ({goal!r}): everyone is there",
+        )
+    weights = DEFAULT_WEIGHTS
+    if "weights" in spec:
+        weights = Weights(**{c: float(spec["weights"].get(c, 0.0)) for c in SCORE_COMPONENTS})
+        if not any(weights.as_dict().values()):
+            raise fail(
+                [*here, "score", "weights"],
+                f"{where}.weights: at least one weight must be above zero",
+            )
+    limit: float | None = None
+    if "time_limit" in spec:
+        limit = parse_duration(spec["time_limit"])
+        if limit <= 0:
+            raise fail([*here, "score", "time_limit"], f"{where}.time_limit: must be above zero")
+    return ScoreSpec(goal, weights, limit)
+
+
 def parse_journeys(text: str, source: str = "<journeys>") -> tuple[Journey, ...]:
     """Journeys from a file's text; JourneyFileError names the line of the first problem."""
     root, data = _compose(text, source)
@@ -329,6 +532,7 @@ def parse_journeys(text: str, source: str = "<journeys>") -> tuple[Journey, ...]
         names.add(jspec["name"])
         stages: list[Stage] = []
         stage_names: set[str] = set()
+        all_names = [s["name"] for s in jspec["stages"]]
         last = len(jspec["stages"]) - 1
         for s, sspec in enumerate(jspec["stages"]):
             here: list[PathElem] = ["journeys", j, "stages", s]
@@ -371,10 +575,14 @@ def parse_journeys(text: str, source: str = "<journeys>") -> tuple[Journey, ...]
                     dropoff_alert_ratio=float(sspec["dropoff_alert_ratio"])
                     if "dropoff_alert_ratio" in sspec
                     else None,
+                    kpis=_kpis(sspec.get("kpis", {}), sspec["name"], all_names, here, fail),
                 )
             )
+        score = (
+            _score(jspec["score"], all_names, ["journeys", j], fail) if "score" in jspec else None
+        )
         journeys.append(
-            Journey(jspec["name"], bool(jspec.get("allow_regression", False)), tuple(stages))
+            Journey(jspec["name"], bool(jspec.get("allow_regression", False)), tuple(stages), score)
         )
     return tuple(journeys)
 
@@ -402,11 +610,16 @@ def default_journeys() -> tuple[Journey, ...]:
 
 
 __all__ = [
+    "DEFAULT_WEIGHTS",
+    "SCORE_COMPONENTS",
     "Condition",
     "EventRule",
     "Journey",
     "JourneyFileError",
+    "Kpi",
+    "ScoreSpec",
     "Stage",
+    "Weights",
     "default_journeys",
     "load_journeys",
     "parse_duration",

@@ -81,6 +81,47 @@ class ConsistencyCollector(Collector):
         yield ratios
 
 
+class ScoreCollector(Collector):
+    """``journey_score``, ``journey_score_component`` and ``journey_channel_score``.
+
+    Computed from ClickHouse on the consistency timer over the same event-time
+    window (pipeline/scorecard.py defines them), so every worker exports the
+    same value. A score or component that cannot be judged (no customers, no
+    survey answers) has no sample rather than a made-up one.
+    """
+
+    def __init__(self) -> None:
+        self.scores: Mapping[str, float] = {}
+        self.components: Mapping[tuple[str, str], float] = {}
+        self.channels: Mapping[tuple[str, str], float] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        score = GaugeMetricFamily(
+            "journey_score",
+            "Journey score 0-100: weighted mean of its components over the consistency window",
+            labels=["journey"],
+        )
+        for journey, value in sorted(self.scores.items()):
+            score.add_metric([journey], value)
+        yield score
+        components = GaugeMetricFamily(
+            "journey_score_component",
+            "A score component, 0-1 (1 best): conversion, dropoff, time_to_goal, satisfaction",
+            labels=["journey", "component"],
+        )
+        for (journey, component), value in sorted(self.components.items()):
+            components.add_metric([journey, component], value)
+        yield components
+        channels = GaugeMetricFamily(
+            "journey_channel_score",
+            "The journey score of the customers a channel carried, 0-100",
+            labels=["journey", "channel"],
+        )
+        for (journey, channel), value in sorted(self.channels.items()):
+            channels.add_metric([journey, channel], value)
+        yield channels
+
+
 class Metrics:
     def __init__(
         self,
@@ -221,6 +262,8 @@ class Metrics:
         r.register(self.stage_customers)
         self.consistency = ConsistencyCollector()
         r.register(self.consistency)
+        self.scores = ScoreCollector()
+        r.register(self.scores)
         self._events: dict[tuple[str, str], Counter] = {}
         self._entries: dict[tuple[str, str, str], Counter] = {}
         self._exits: dict[tuple[str, str, str, str], Counter] = {}

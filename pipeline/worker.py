@@ -32,6 +32,7 @@ from pipeline.report import (
     consistency,
     journey_report,
 )
+from pipeline.scorecard import LiveValues, live_scores, scorecard
 from pipeline.settings import (
     EVENTS_TOPIC,
     REJECTED_TOPIC,
@@ -100,6 +101,7 @@ class Runtime:
             )
 
     async def refresh_consistency(self) -> None:
+        """The consistency and score gauges over the last window of event time, from ClickHouse."""
         partitions = await self.store.known_partitions("jt:clock:")
         clocks = await self.store.clocks(partitions)
         if not clocks:
@@ -110,12 +112,16 @@ class Runtime:
         since = datetime.fromtimestamp(until_ts - self.settings.consistency_window_seconds, UTC)
         min_exits = self.settings.consistency_min_exits
 
-        def run(client: Any) -> list[Consistency]:
-            return [consistency(client, j, since, until, min_exits) for j in self.journeys]
+        def run(client: Any) -> tuple[list[Consistency], LiveValues]:
+            return (
+                [consistency(client, j, since, until, min_exits) for j in self.journeys],
+                live_scores(client, self.journeys, since, until),
+            )
 
+        results, scores = await self.sink.run(run)
         index: dict[tuple[str, str], float] = {}
         ratios: dict[tuple[str, str, str], float] = {}
-        for result in await self.sink.run(run):
+        for result in results:
             for stage in result.stages:
                 if stage.index is not None:
                     index[(result.journey, stage.stage)] = stage.index
@@ -123,6 +129,9 @@ class Runtime:
                     ratios[(result.journey, stage.stage, channel)] = ratio
         self.metrics.consistency.index = index
         self.metrics.consistency.ratios = ratios
+        self.metrics.scores.scores = scores.scores
+        self.metrics.scores.components = scores.components
+        self.metrics.scores.channels = scores.channels
 
 
 def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) -> faust.App:
@@ -230,9 +239,9 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
 
     @app.timer(settings.consistency_refresh_seconds)  # type: ignore[untyped-decorator]
     async def refresh_consistency() -> None:
-        """The consistency gauge over the last window of event time, from ClickHouse.
+        """The consistency and score gauges over the last window of event time, from ClickHouse.
 
-        Every worker computes the same global value from the shared tables.
+        Every worker computes the same global values from the shared tables.
         """
         if not runtime.ready.is_set():
             return
@@ -265,9 +274,17 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
         async def get(self, request: Request) -> Response:
             until = _parse_time(request.query.get("until"), REPORT_END)
             since = _parse_time(request.query.get("since"), REPORT_START)
+            with_scorecard = request.query.get("scorecard") == "1"
+            now = datetime.now(UTC)
 
             def run(client: Any) -> list[dict[str, Any]]:
-                return [journey_report(client, j, since, until) for j in runtime.journeys]
+                reports = []
+                for j in runtime.journeys:
+                    report = journey_report(client, j, since, until)
+                    if with_scorecard:
+                        report["scorecard"] = scorecard(client, j, since, until, now)
+                    reports.append(report)
+                return reports
 
             body = await runtime.sink.run(run)
             return self.bytes(orjson.dumps(body), content_type="application/json")

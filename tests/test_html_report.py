@@ -349,3 +349,111 @@ def test_default_bounds_read_as_all_history() -> None:
     )
     assert "Period (event time, UTC): all history" in page
     assert "1970-01-01" not in page
+
+
+def _card(journey: str, score: float | None, channel: str = "web") -> dict[str, Any]:
+    """A scorecard as ``pipeline.scorecard.scorecard`` returns it, hand-filled."""
+    cell = {
+        "exits": 10,
+        "advanced": 6,
+        "dropped": 4,
+        "progression": 0.6,
+        "dropoff": 0.4,
+        "time_in_stage": {"count": 10, "avg": 3_600.0, "p90": 7_200.0},
+        "csat": 4.5,
+        "csat_responses": 2,
+        "nps": -20.0,
+        "nps_responses": 5,
+        "handling_time": 240.0,
+        "handled_events": 3,
+        "revenue": 1_234.5,
+        "consistency_effect": -0.12,
+    }
+    components = {
+        "conversion": {"value": 0.5, "weight": 0.4, "reached_goal": 5, "reached_first": 10},
+        "dropoff": {"value": 0.6, "weight": 0.2, "dropped": 4, "exits": 10, "dropoff": 0.4},
+        "time_to_goal": {
+            "value": 0.9,
+            "weight": 0.2,
+            "median_seconds": 3_600.0,
+            "customers": 5,
+            "limit_seconds": 36_000.0,
+        },
+        "satisfaction": {"value": None, "weight": 0.2, "csat": None, "nps": None},
+    }
+    up = {"direction": "up", "relative": 0.25, "improved": False}
+    return {
+        "journey": journey,
+        "rank": 1,
+        "goal": "purchase",
+        "score": score,
+        "score_change": {"direction": None, "relative": None, "improved": None},
+        "previous_period": {
+            "since": "2025-12-31T00:00:00+00:00",
+            "until": "2026-01-01T00:00:00+00:00",
+        },
+        "components": components,
+        "channels": [{"channel": channel, "rank": 1, "score": score, "components": components}],
+        "stages": [
+            {
+                "stage": "awareness",
+                "kpis": [
+                    {"name": "visits", "unit": "number", "value": 10.0, "previous": 8.0, **up},
+                    {
+                        "name": "ctr",
+                        "unit": "percent",
+                        "value": None,
+                        "previous": 0.1,
+                        "direction": None,
+                        "relative": None,
+                        "improved": None,
+                    },
+                ],
+                "worst_channel": {
+                    "channel": channel,
+                    "progression": 0.6,
+                    "others": 0.8,
+                    "gap": 0.2,
+                    "exits": 10,
+                    "low_volume": True,
+                },
+                "channels": {channel: cell},
+            },
+        ],
+        "most_lost": {
+            "stage": "awareness",
+            "exits": 10,
+            "advanced": 6,
+            "dropped": 4,
+            "dropoff": 0.4,
+        },
+    }
+
+
+def test_scorecard_section_ranks_journeys_and_escapes_names() -> None:
+    """Journeys ranked at the top; per journey the score, channels, KPIs and where to look."""
+    first = {**_report(), "scorecard": _card("retail", 71.34, channel=EVIL)}
+    second = {**_report(journey="b2b"), "scorecard": {**_card("b2b", None), "rank": 2}}
+    page = render_html([first, second], ["web"])
+    root = _parse(page)
+    text = "".join(root.itertext())
+    assert EVIL not in page and "&lt;script&gt;" in page
+    assert "Journeys ranked by score" in text
+    assert text.index("retail") < text.index("b2b")
+    for fragment in (
+        "71.3",  # the score
+        "50.0% (5/10)",  # conversion with its counts
+        "↑ 25.0%",  # the KPI moved up, and that is worse here
+        "Most customers are lost at awareness",
+        "20.0 points below the other channels",
+        "1,234.50",
+        "-0.12",
+        "4m 0s",  # handling time
+    ):
+        assert fragment in text, fragment
+    assert 'class="worse"' in page
+
+
+def test_a_report_without_a_scorecard_has_no_ranking() -> None:
+    page = render_html([_report()], ["web"])
+    assert "Journeys ranked by score" not in page and "Scorecard" not in page

@@ -11,6 +11,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from pipeline.journeys import (
+    DEFAULT_WEIGHTS,
     Condition,
     Journey,
     JourneyFileError,
@@ -238,6 +239,14 @@ journeys:
 """
 
 
+KPIS = """\
+        kpis:
+          visits: {count: [page_view]}
+          revenue: {sum: order_value, of: [order_completed]}
+"""
+TAIL = "      - name: b\n        events: [order_completed]\n"
+
+
 @pytest.mark.parametrize(
     ("text", "line", "problem"),
     [
@@ -326,6 +335,91 @@ journeys:
             id="duplicate-yaml-key",
         ),
         pytest.param("journeys: []\n", 1, "should be non-empty", id="no-journeys"),
+        pytest.param(
+            GOOD_HEAD + KPIS + "          rate: {ratio: [buyerz, visits]}\n" + TAIL,
+            10,
+            "journeys[0].stages[0].kpis.rate.ratio: 'buyerz' is not a KPI of stage 'awareness' "
+            "(its KPIs: visits, revenue)",
+            id="kpi-ratio-unknown-measure",
+        ),
+        pytest.param(
+            GOOD_HEAD + KPIS + "          r1: {ratio: [visits, revenue]}\n"
+            "          r2: {ratio: [r1, visits]}\n" + TAIL,
+            11,
+            "'r1' is a ratio itself",
+            id="kpi-ratio-of-a-ratio",
+        ),
+        pytest.param(
+            GOOD_HEAD + KPIS + "          both: {count: [x], customers: [x]}\n" + TAIL,
+            10,
+            "a KPI names exactly one of count, customers, sum, avg, flow, survey, ratio "
+            "(found count and customers)",
+            id="kpi-two-measures",
+        ),
+        pytest.param(
+            GOOD_HEAD + KPIS + "          nothing: {unit: percent}\n" + TAIL,
+            10,
+            "(found none)",
+            id="kpi-no-measure",
+        ),
+        pytest.param(
+            GOOD_HEAD + KPIS + "          total: {sum: order_value}\n" + TAIL,
+            10,
+            "'of' is a dependency of 'sum'",
+            id="kpi-sum-without-events",
+        ),
+        pytest.param(
+            GOOD_HEAD + KPIS + "          later: {flow: reached, stage: checkout}\n" + TAIL,
+            10,
+            "kpis.later.stage: 'checkout' is not a stage of this journey (stages: awareness, b)",
+            id="kpi-unknown-stage",
+        ),
+        pytest.param(
+            GOOD_HEAD + KPIS + "          n: {count: [x], stage: b}\n" + TAIL,
+            10,
+            "only a flow or survey KPI takes 'stage', not count",
+            id="kpi-stage-on-a-count",
+        ),
+        pytest.param(
+            GOOD_HEAD + KPIS + "          n: {flow: left}\n" + TAIL,
+            10,
+            "'left' is not one of",
+            id="kpi-unknown-flow",
+        ),
+        pytest.param(
+            GOOD_HEAD + KPIS + "          n: {sum: order value, of: [x]}\n" + TAIL,
+            10,
+            "expected a property name",
+            id="kpi-bad-property",
+        ),
+        pytest.param(
+            GOOD_HEAD.replace("    stages:", "    score: {goal: checkout}\n    stages:") + TAIL,
+            3,
+            "journeys[0].score.goal: 'checkout' is not a stage of this journey",
+            id="score-unknown-goal",
+        ),
+        pytest.param(
+            GOOD_HEAD.replace("    stages:", "    score: {goal: awareness}\n    stages:") + TAIL,
+            3,
+            "the goal cannot be the first stage",
+            id="score-goal-first-stage",
+        ),
+        pytest.param(
+            GOOD_HEAD.replace(
+                "    stages:", "    score:\n      weights: {conversion: 0, dropoff: 0}\n    stages:"
+            )
+            + TAIL,
+            4,
+            "at least one weight must be above zero",
+            id="score-zero-weights",
+        ),
+        pytest.param(
+            GOOD_HEAD.replace("    stages:", "    score:\n      weights: {speed: 1}\n    stages:")
+            + TAIL,
+            4,
+            "unknown key 'speed'",
+            id="score-unknown-weight",
+        ),
     ],
 )
 def test_journey_file_errors(tmp_path: Path, text: str, line: int, problem: str) -> None:
@@ -357,3 +451,51 @@ def test_good_file_loads(tmp_path: Path) -> None:
     (journey,) = load_journeys(path)
     assert journey.stage_names == ("contacted", "escalated", "resolved")
     assert journey.stage("escalated").max_dwell == 2 * 86400.0
+
+
+def test_kpis_and_score_are_read_with_their_defaults() -> None:
+    """Units, directions and stages default sensibly; weights left out weigh 0."""
+    (journey,) = parse_journeys(
+        GOOD_HEAD.replace("    stages:", "    score:\n      weights: {conversion: 3}\n    stages:")
+        + KPIS
+        + "          buyers: {flow: reached, stage: b}\n"
+        "          nps: {survey: nps, any_stage: true}\n"
+        "          per_visit: {ratio: [revenue, visits], better: lower, unit: percent}\n" + TAIL
+    )
+    visits, revenue, buyers, nps, per_visit = journey.stage("awareness").kpis
+    assert (visits.kind, visits.event_types, visits.unit, visits.better) == (
+        "count",
+        ("page_view",),
+        "number",
+        "higher",
+    )
+    assert (revenue.kind, revenue.prop, revenue.event_types) == (
+        "sum",
+        "order_value",
+        ("order_completed",),
+    )
+    assert (buyers.measure, buyers.stage) == ("reached", "b")
+    assert (nps.kind, nps.measure, nps.stage) == ("survey", "nps", None)
+    assert (per_visit.operands, per_visit.better, per_visit.unit) == (
+        ("revenue", "visits"),
+        "lower",
+        "percent",
+    )
+    scoring = journey.scoring
+    assert scoring.goal == "b"  # the last stage
+    assert scoring.weights.as_dict() == {
+        "conversion": 3.0,
+        "dropoff": 0.0,
+        "time_to_goal": 0.0,
+        "satisfaction": 0.0,
+    }
+    assert scoring.time_limit == 7 * 86400.0  # awareness's max_dwell
+
+
+def test_files_without_kpis_or_score_keep_working() -> None:
+    (journey,) = parse_journeys(GOOD_HEAD + TAIL)
+    assert all(s.kpis == () for s in journey.stages)
+    assert journey.score is None
+    assert journey.scoring.weights == DEFAULT_WEIGHTS
+    (no_limit,) = parse_journeys(GOOD_HEAD.replace("        max_dwell: 7d\n", "") + TAIL)
+    assert no_limit.scoring.time_limit is None  # a stage before the goal has no max_dwell

@@ -32,8 +32,10 @@ from pipeline.dashboards import (
     clickhouse_query,
     consistency_sql,
     generate_dashboards,
+    inline_parameters,
     interpolate,
     iter_targets,
+    kpi_sql,
     prometheus_query,
     render,
     stages_sql,
@@ -103,12 +105,13 @@ def test_committed_dashboards_are_the_generators_output() -> None:
         )
 
 
-def test_the_four_dashboards_and_their_uids() -> None:
+def test_the_five_dashboards_and_their_uids() -> None:
     titles = {b["uid"]: b["title"] for b in GENERATED.values()}
     assert titles == {
         "journey-live": "Journey live",
         "journey-channels": "Channels and consistency",
         "journey-funnels": "Funnels and time in stage",
+        "journey-scorecard": "Journey scorecard",
         "journey-pipeline": "Pipeline health",
     }
     assert all(len(uid) <= 40 for uid in titles)  # Grafana's limit
@@ -386,3 +389,22 @@ def test_default_windows_are_the_rules_files() -> None:
     w = RuleWindows()
     assert f"short {w.short}, long {w.long}, baseline {w.baseline}" in header
     assert json.loads((DASHBOARDS / "journey-live.json").read_text())["uid"] == "journey-live"
+
+
+def test_kpi_panel_lists_every_kpi_with_its_journey_file_names_quoted() -> None:
+    """One row per KPI in file order; names become quoted literals, never raw SQL."""
+    journeys = parse_journeys(
+        "journeys:\n  - name: a\n    stages:\n"
+        "      - name: x\n        events: [e1]\n        kpis:\n"
+        "          n: {count: [e1]}\n          v: {sum: it_s, of: [e1]}\n"
+        "          r: {ratio: [v, n]}\n"
+        "      - {name: y, events: [e2]}\n"
+    )
+    text = kpi_sql(journeys)
+    assert text.index("'n' AS kpi") < text.index("'v' AS kpi") < text.index("'r' AS kpi")
+    assert "event_type IN ['e1']" in text and "JSONType(properties, 'it_s')" in text
+    assert "WHERE '${journey}' = 'a'" in text
+    assert "$__timeFilter(occurred_at)" in text and "{since:" not in text
+    assert inline_parameters("x = {v:String}", {"v": "it's"}) == "x = 'it\\'s'"
+    with pytest.raises(ValueError, match="no value"):
+        inline_parameters("x = {w:String}", {})

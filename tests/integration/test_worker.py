@@ -237,6 +237,14 @@ def test_known_events_end_to_end(
         entered = {s["stage"]: s["entered"] for s in funnel["stages"]}
         expected_entered = Counter(t.to_stage for t in transitions)
         assert entered == {s: expected_entered.get(s, 0) for s in entered}
+        # The scorecard comes from the worker too (`/report?scorecard=1`).
+        cards = journey(settings, "report", "--scorecard", "--json")
+        assert cards.returncode == 0, cards.stderr
+        (card,) = orjson.loads(cards.stdout)
+        assert card["scorecard"]["rank"] == 1
+        awareness = next(s for s in card["scorecard"]["stages"] if s["stage"] == "awareness")
+        assert awareness["kpis"][-1]["name"] == "new_customers"
+        assert awareness["kpis"][-1]["value"] == entered["awareness"]
     finally:
         worker.stop()
 
