@@ -6,6 +6,12 @@ exception, because an exception inside a Faust agent acks the message and loses
 it. The JSON Schema packaged at ``pipeline/data/event.v1.json`` is the single
 source of truth; this module adds only what a schema cannot express (the
 configurable channel set and the time window).
+
+Two checks come from that one schema. A compiled one (fastjsonschema) decides
+whether an event is valid, in a few microseconds; only when it says no does
+jsonschema run, to find the error and build the same reason it always has.
+Tests prove the two agree, and a schema using a keyword the compiled check is
+not proven on falls back to jsonschema alone.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -21,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
+import fastjsonschema
 import orjson
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
@@ -66,6 +73,28 @@ _MAX_REASON: Final = 400  # reasons land in Kafka headers / ClickHouse: keep the
 _INT_MIN: Final = -(2**63)  # what orjson (and ClickHouse) can carry
 _INT_MAX: Final = 2**64 - 1
 _MAX_DEPTH: Final = 32  # far deeper than any valid event: properties is flat
+#: Keywords the compiled check evaluates exactly as jsonschema does (tests/test_events_fast.py
+#: proves it on each); a schema with any other keyword is checked by jsonschema alone.
+_FAST_KEYWORDS: Final = frozenset(
+    {
+        "type",
+        "required",
+        "anyOf",
+        "properties",
+        "additionalProperties",
+        "propertyNames",
+        "minLength",
+        "maxLength",
+        "maxProperties",
+        "pattern",
+        "const",
+        "$ref",
+    }
+)
+_ANNOTATIONS: Final = frozenset({"$schema", "$id", "title", "description"})
+# fastjsonschema maps "array" to list or tuple and treats "integer" its own way; jsonschema
+# takes a list only. The types below mean the same to both (Decimal is a number to both).
+_FAST_TYPES: Final = frozenset({"object", "string", "number", "boolean", "null"})
 _JSON_TYPES: Final[dict[type, str]] = {
     dict: "object",
     list: "array",
@@ -246,12 +275,14 @@ class Validator:
     ``decode`` never raises: every failure is a :class:`Rejection`.
     """
 
-    __slots__ = ("_channel_list", "_channels", "_schema", "_validator")
+    __slots__ = ("_channel_list", "_channels", "_fast", "_schema", "_validator")
 
-    def __init__(self, channels: Collection[str] = DEFAULT_CHANNELS) -> None:
+    def __init__(self, channels: Collection[str] = DEFAULT_CHANNELS, *, fast: bool = True) -> None:
+        """``fast=False`` leaves jsonschema alone to decide: the reference the tests compare to."""
         self._schema = load_schema()
         _StrictValidator.check_schema(self._schema)
         self._validator: Any = _StrictValidator(self._schema)
+        self._fast = _compile_fast_check(self._schema) if fast else None
         self._channels = frozenset(channels)
         self._channel_list = ", ".join(dict.fromkeys(channels))  # keep configured order
 
@@ -314,13 +345,16 @@ class Validator:
             return Rejection(
                 f"event: expected a JSON object, got {_json_type(obj)}", "not_object", raw
             )
-        try:
-            error = best_match(self._validator.iter_errors(obj))
-            reason = None if error is None else _describe(error, self._schema)
-        except RecursionError:
-            # jsonschema quotes repr(value) in its messages, which recurses: a value nested
-            # ~1000 levels deep (orjson parses up to 1024) overflows it. Name the field.
-            return self._nested(obj, raw)
+        if self._fast is not None and self._fast(obj):
+            error, reason = None, None
+        else:
+            try:
+                error = best_match(self._validator.iter_errors(obj))
+                reason = None if error is None else _describe(error, self._schema)
+            except RecursionError:
+                # jsonschema quotes repr(value) in its messages, which recurses: a value nested
+                # ~1000 levels deep (orjson parses up to 1024) overflows it. Name the field.
+                return self._nested(obj, raw)
         if error is not None and reason is not None:
             path = error.absolute_path
             code = "timestamp" if path and path[0] == "occurred_at" else "schema"
@@ -389,6 +423,78 @@ class Validator:
             schema_version=int(obj["schema_version"]),
             source=obj.get("source"),
         )
+
+
+def _fast_compatible(schema: object) -> bool:
+    """True when every keyword of ``schema`` is one the compiled check is proven on.
+
+    A conservative walk: an unknown keyword, an ``array`` or ``integer`` type, a ``$``
+    anywhere but at the end of a pattern (fastjsonschema rewrites every ``$``,
+    ``_ecma_regex`` only a trailing one), a ``$ref`` with siblings or outside ``$defs``,
+    or a ``const`` other than a string or number all mean "let jsonschema decide".
+    """
+    if isinstance(schema, bool):
+        return True
+    if not isinstance(schema, dict):
+        return False
+    for key, value in schema.items():
+        if key in _ANNOTATIONS:
+            continue
+        if key not in _FAST_KEYWORDS and key != "$defs":
+            return False
+        if key in ("properties", "$defs"):
+            if not isinstance(value, dict) or not all(map(_fast_compatible, value.values())):
+                return False
+        elif key in ("additionalProperties", "propertyNames"):
+            if not _fast_compatible(value):
+                return False
+        elif key == "anyOf":
+            if not isinstance(value, list) or not all(map(_fast_compatible, value)):
+                return False
+        elif key == "type":
+            names = value if isinstance(value, list) else [value]
+            if not set(names) <= _FAST_TYPES:
+                return False
+        elif key == "pattern":
+            if not isinstance(value, str) or "$" in value[:-1]:
+                return False
+        elif key == "$ref":
+            if not (isinstance(value, str) and value.startswith("#/$defs/")):
+                return False
+            if set(schema) - _ANNOTATIONS - {"$ref"}:
+                return False
+        elif key == "const" and (
+            isinstance(value, bool) or not isinstance(value, str | int | float)
+        ):
+            return False
+    return True
+
+
+def _compile_fast_check(schema: dict[str, Any]) -> Callable[[object], bool] | None:
+    """A compiled "is this event schema-valid?" check, or None when it cannot be trusted.
+
+    Its True is final; on False (or anything it raises) jsonschema runs and decides, so a
+    value it cannot judge (a Decimal ``schema_version`` from ``validate_dict``) costs time,
+    not a verdict. What must hold is that it never says True where jsonschema says no:
+    tests/test_events_fast.py proves that on the catalogues and on mutated events.
+    """
+    if not _fast_compatible(schema):
+        return None
+    try:
+        # use_default=False: fastjsonschema would otherwise write schema defaults into the
+        # event. detailed_exceptions stays on: off, 2.22.3 fails to compile a "const".
+        compiled = fastjsonschema.compile(schema, handlers={}, use_default=False, use_formats=False)
+    except Exception:  # a schema it cannot compile is still one jsonschema can check
+        return None
+
+    def check(obj: object) -> bool:
+        try:
+            compiled(obj)
+        except Exception:  # JsonSchemaValueException, or a Python-only value it trips on
+            return False
+        return True
+
+    return check
 
 
 def _too_deep(obj: Mapping[Any, object]) -> tuple[object, object] | None:
