@@ -55,7 +55,7 @@ from pipeline.simulate import generate, key_of
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "collector_load.json"
 BASELINE_TOPIC = "bench.baseline"
-console = Console()
+console = Console(width=120)  # a readable table when the output is a file or a pipe
 
 
 @dataclass
