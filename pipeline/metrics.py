@@ -1,7 +1,10 @@
 """Prometheus metrics. Labels stay bounded: journey, stage, channel, outcome, reason.
 
-Labelled children are cached in dicts so the per-batch path does not pay for
-``.labels()`` lookups on every event.
+The business counters (events, entries, exits, drop-offs, transitions,
+hand-offs, merges, rejections) are not counted here: they are tallied in Redis
+with the state (pipeline/ledger.py) and exported by :class:`LedgerCollector`,
+so a crashed worker neither loses nor doubles them. What stays here describes
+this process's own work: latencies, batch sizes, sink errors.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from pipeline import ledger
 
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, float("inf"))
 BATCH_SIZE_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, float("inf"))
@@ -81,6 +86,32 @@ class ConsistencyCollector(Collector):
         yield ratios
 
 
+class LedgerCollector(Collector):
+    """The business counters, from the ledger totals in Redis (pipeline/ledger.py).
+
+    Only the worker that owns partition 0 exports them (``exporting``), so
+    summing a counter over workers counts every event once; when partition 0
+    moves, the series moves to its new owner, which `rate()` takes in its stride.
+    The worker refreshes ``totals`` on its gauge timer.
+    """
+
+    def __init__(self) -> None:
+        self.exporting = False
+        self.totals: Mapping[str, int] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        families = {
+            family: CounterMetricFamily(name, doc, labels=list(labels))
+            for family, (name, labels, doc) in ledger.FAMILIES.items()
+        }
+        if self.exporting:
+            for name, value in sorted(self.totals.items()):
+                parsed = ledger.parse(name)
+                if parsed is not None:
+                    families[parsed[0]].add_metric(list(parsed[1]), value)
+        yield from families.values()
+
+
 class ScoreCollector(Collector):
     """``journey_score``, ``journey_score_component`` and ``journey_channel_score``.
 
@@ -130,30 +161,6 @@ class Metrics:
     ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.events = Counter(
-            "journey_events", "Events by channel and outcome", ["channel", "outcome"], registry=r
-        )
-        self.rejected = Counter(
-            "journey_rejected_events", "Rejected events by reason code", ["reason"], registry=r
-        )
-        self.entries = Counter(
-            "journey_stage_entries",
-            "Entries into a stage",
-            ["journey", "stage", "channel"],
-            registry=r,
-        )
-        self.exits = Counter(
-            "journey_stage_exits",
-            "Exits from a stage",
-            ["journey", "stage", "channel", "outcome"],
-            registry=r,
-        )
-        self.transitions = Counter(
-            "journey_transitions",
-            "Transitions by journey and kind",
-            ["journey", "kind"],
-            registry=r,
-        )
         self.lag = Histogram(
             "journey_event_lag_seconds", "Event time to processed", buckets=LAG_BUCKETS, registry=r
         )
@@ -183,31 +190,6 @@ class Metrics:
         self.assigned_partitions = Gauge(
             "journey_assigned_partitions",
             "Partitions of journey.events this worker owns now",
-            registry=r,
-        )
-        self.dropoffs = Counter(
-            "journey_dropoffs",
-            "Customers dropped at a stage, by the channel of their last event there",
-            ["journey", "stage", "channel"],
-            registry=r,
-        )
-        self.handoffs = Counter(
-            "journey_channel_handoffs",
-            "Consecutive events of one customer on different channels",
-            ["journey", "from_channel", "to_channel"],
-            registry=r,
-        )
-        self.handoff_outcomes = Counter(
-            "journey_handoff_outcomes",
-            "How the stage exit after a hand-off went (advanced or dropped)",
-            ["journey", "from_channel", "to_channel", "outcome"],
-            registry=r,
-        )
-        self.merges = Counter(
-            "journey_identity_merges",
-            "Events carrying both ids, by what the link did (merged, linked, "
-            "already_linked) or why it was refused (claimed, placeholder)",
-            ["result"],
             registry=r,
         )
         self.time_in_stage = Histogram(
@@ -264,27 +246,5 @@ class Metrics:
         r.register(self.consistency)
         self.scores = ScoreCollector()
         r.register(self.scores)
-        self._events: dict[tuple[str, str], Counter] = {}
-        self._entries: dict[tuple[str, str, str], Counter] = {}
-        self._exits: dict[tuple[str, str, str, str], Counter] = {}
-
-    def event(self, channel: str, outcome: str, n: int = 1) -> None:
-        key = (channel, outcome)
-        child = self._events.get(key)
-        if child is None:
-            child = self._events[key] = self.events.labels(channel, outcome)
-        child.inc(n)
-
-    def entry(self, journey: str, stage: str, channel: str) -> None:
-        key = (journey, stage, channel)
-        child = self._entries.get(key)
-        if child is None:
-            child = self._entries[key] = self.entries.labels(*key)
-        child.inc()
-
-    def exit(self, journey: str, stage: str, channel: str, outcome: str) -> None:
-        key = (journey, stage, channel, outcome)
-        child = self._exits.get(key)
-        if child is None:
-            child = self._exits[key] = self.exits.labels(*key)
-        child.inc()
+        self.ledger = LedgerCollector()
+        r.register(self.ledger)

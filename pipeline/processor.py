@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from pipeline import engine
+from pipeline import engine, ledger
 from pipeline.engine import Outcome, Slot
 from pipeline.events import Event, Rejection, Validator
 from pipeline.identity import (
@@ -48,24 +48,14 @@ from pipeline.sinks.clickhouse import (
     rejected_row,
     transition_row,
 )
-from pipeline.stages import (
-    DROPPED,
-    DWELL_KINDS,
-    ENTRY_KINDS,
-    REGRESSED,
-    Profile,
-    Transition,
-    next_deadline,
-)
-from pipeline.state.redis_store import Commit, Loaded, RedisStore, Write
+from pipeline.stages import DWELL_KINDS, Profile, Transition, next_deadline
+from pipeline.state.redis_store import Commit, Guarded, Loaded, RedisStore, Write
 
 log = logging.getLogger(__name__)
 
 A = TypeVar("A")
 R = TypeVar("R")
 
-# Rejected events carry no trustworthy channel; this label keeps the series bounded.
-UNKNOWN_CHANNEL = "unknown"
 # How many past-deadline profiles one sweep step handles per partition.
 SWEEP_LIMIT = 500
 # An event stamped later than its arrival plus this does not move its partition's
@@ -210,7 +200,7 @@ class BatchProcessor:
         result = BatchResult()
         pending: list[_Pending] = []
         in_batch: set[str] = set()
-        repeated: list[Event] = []
+        repeated: list[_Pending] = []
         for message in messages:
             decoded = self.validator.decode(message.value, now=now)
             if isinstance(decoded, Rejection):
@@ -218,7 +208,9 @@ class BatchProcessor:
             elif decoded.event_id in in_batch:
                 # A repeat within the batch, whichever customer it names, is a
                 # duplicate of the first in arrival order, as in a replay.
-                repeated.append(decoded)
+                repeated.append(
+                    _Pending(decoded, message.partition, message.offset, message.timestamp)
+                )
             else:
                 in_batch.add(decoded.event_id)
                 pending.append(
@@ -235,7 +227,15 @@ class BatchProcessor:
             token = uuid.uuid4().hex
             payload = _payload(now, {"rejected": rejected_rows}, dead)
             own = (result.rejected[0][0].partition, token, payload)
-        outcome, applied, duplicates, tokens = await self._apply_to_state(pending, now, own)
+        guarded = [
+            Guarded(m.partition, m.offset, ledger.rejected(r.code)) for m, r in result.rejected
+        ]
+        guarded += [
+            Guarded(p.partition, p.offset, ledger.duplicate(p.event.channel)) for p in repeated
+        ]
+        outcome, applied, duplicates, tokens = await self._apply_to_state(
+            pending, now, own, guarded
+        )
         stored_at = time.monotonic()
 
         self.sink.add_events([event_row(p.event, now) for p in applied])
@@ -249,8 +249,8 @@ class BatchProcessor:
         result.transitions = outcome.transitions
         result.accepted = len(applied)
         result.duplicates = len(repeated) + len(duplicates)
-        self._count_events(applied, [*repeated, *duplicates], result.rejected)
-        self.count_outcome(outcome)
+        self._observe_events(applied)
+        self.observe_outcome(outcome)
         m = self.metrics
         m.batch_size.observe(len(messages))
         m.batch_seconds.labels("decode").observe(decoded_at - started)
@@ -261,13 +261,18 @@ class BatchProcessor:
         return result
 
     async def _apply_to_state(
-        self, pending: list[_Pending], now: float, own: tuple[int, str, bytes] | None
+        self,
+        pending: list[_Pending],
+        now: float,
+        own: tuple[int, str, bytes] | None,
+        guarded: list[Guarded],
     ) -> tuple[Outcome, list[_Pending], list[Event], list[tuple[int, str]]]:
         """Read, resolve, compute, compare-and-set; recompute the groups that raced.
 
         Returns what was applied, the duplicates, and the outbox entries written
         (to forget once their rows and messages are out). ``own`` is the batch's
-        own outbox entry (its dead letters), written with the first commit.
+        own outbox entry (its dead letters) and ``guarded`` the tallies of its
+        messages that change no state, written with the first commit.
         """
         outcome = Outcome()
         applied: list[_Pending] = []
@@ -276,18 +281,19 @@ class BatchProcessor:
         if own is not None:
             self._in_flight.add(own[1])
             tokens.append((own[0], own[1]))
-        while pending or own is not None:
+        while pending or own is not None or guarded:
             named = [r for p in pending for r in _refs_named(p.event)]
             ids = [p.event.event_id for p in pending]
             loaded, seen = await self._retrying("load", partial(self.store.load, named, ids))
             # A message that finds its own position in the mark was applied before a
             # crash or restart (its offset was not committed yet): skip it, uncounted.
             fresh = [p for p in pending if p.event.event_id not in seen]
-            duplicates.extend(
-                p.event
-                for p in pending
-                if p.event.event_id in seen and seen[p.event.event_id] != p.position
-            )
+            for p in pending:
+                if p.event.event_id in seen and seen[p.event.event_id] != p.position:
+                    duplicates.append(p.event)
+                    guarded.append(
+                        Guarded(p.partition, p.offset, ledger.duplicate(p.event.channel))
+                    )
             links = {
                 ref.id: lo.slot.linked_to
                 for ref, lo in loaded.items()
@@ -313,9 +319,12 @@ class BatchProcessor:
                 ts = min(p.event.ts, arrived + CLOCK_SKEW_SECONDS)
                 clocks[p.partition] = max(clocks.get(p.partition, ts), ts)
             conflicts = set(
-                await self._retrying("commit", partial(self.store.commit, commits, clocks, own))
+                await self._retrying(
+                    "commit", partial(self.store.commit, commits, clocks, own, list(guarded))
+                )
             )
             own = None
+            guarded = []
             retry: list[_Pending] = []
             for i, (members, group_outcome) in enumerate(computed):
                 if i in conflicts:
@@ -356,10 +365,12 @@ class BatchProcessor:
         writes = writes_for(loaded, slots, out.changed, home_if_new, self.journeys)
         rows = {**_outcome_rows(out), "events": [event_row(p.event, now) for p, _ in items]}
         payload = _payload(now, rows, _transition_messages(out.transitions))
+        tally = ledger.accepted(p.event.channel for p, _ in items) + ledger.outcome(out)
         return out, Commit(
             writes,
             {p.event.event_id: p.position for p, _ in items},
             outbox=(items[0][0].partition, payload),
+            tally=(items[0][0].partition, tally),
         )
 
     def _first_claim_warning(self, anonymous_id: str | None) -> bool:
@@ -414,7 +425,11 @@ class BatchProcessor:
                     {"transitions": [transition_row(t) for t in dropped]},
                     _transition_messages(dropped),
                 )
-                commit = Commit(writes, outbox=(partition, payload) if dropped else None)
+                commit = Commit(
+                    writes,
+                    outbox=(partition, payload) if dropped else None,
+                    tally=(partition, ledger.outcome(Outcome(transitions=dropped))),
+                )
                 self._in_flight.add(commit.token)
                 commits.append(commit)
                 results.append(dropped)
@@ -434,7 +449,7 @@ class BatchProcessor:
             self._add_outcome(outcome)
             await self.sink.flush()
             await self._publish(_transition_messages(outcome.transitions))
-            self.count_outcome(outcome)
+            self.observe_outcome(outcome)
         await self._done(tokens)
         self.metrics.sweep_seconds.observe(time.monotonic() - started)
         return outcome.transitions
@@ -519,17 +534,12 @@ class BatchProcessor:
                     raise
         raise AssertionError("unreachable")
 
-    def _count_events(
-        self,
-        applied: list[_Pending],
-        duplicates: list[Event],
-        rejected: list[tuple[RawMessage, Rejection]],
-    ) -> None:
+    def _observe_events(self, applied: list[_Pending]) -> None:
+        """This process's view of its events: lag, lateness. Counts are in the ledger."""
         m = self.metrics
         now = time.time()
         for p in applied:
             e = p.event
-            m.event(e.channel, "accepted")
             m.lag.observe(max(0.0, now - e.ts))
             if p.received_at is not None:
                 m.lateness.labels(e.channel).observe(max(0.0, p.received_at - e.ts))
@@ -538,34 +548,14 @@ class BatchProcessor:
                 m.late_events.labels(e.channel).inc()
             if newest is None or e.ts > newest:
                 self._newest[p.partition] = e.ts
-        for e in duplicates:
-            m.event(e.channel, "duplicate")
-        for _, rejection in rejected:
-            m.event(UNKNOWN_CHANNEL, "rejected")
-            m.rejected.labels(rejection.code).inc()
 
-    def count_outcome(self, outcome: Outcome) -> None:
-        m = self.metrics
+    def observe_outcome(self, outcome: Outcome) -> None:
+        """Time in stage of everyone who left one (a histogram, per process)."""
         for t in outcome.transitions:
-            m.transitions.labels(t.journey, t.kind).inc()
-            if t.kind in ENTRY_KINDS and t.to_stage is not None:
-                m.entry(t.journey, t.to_stage, t.channel)
             if t.kind in DWELL_KINDS and t.from_stage is not None:
-                m.time_in_stage.labels(t.journey, t.from_stage, t.kind).observe(
+                self.metrics.time_in_stage.labels(t.journey, t.from_stage, t.kind).observe(
                     t.seconds_in_previous
                 )
-                if t.kind != REGRESSED:
-                    m.exit(t.journey, t.from_stage, t.channel, t.kind)
-                    if t.handoff_from is not None and t.handoff_to is not None:
-                        m.handoff_outcomes.labels(
-                            t.journey, t.handoff_from, t.handoff_to, t.kind
-                        ).inc()
-            if t.kind == DROPPED and t.from_stage is not None:
-                m.dropoffs.labels(t.journey, t.from_stage, t.channel).inc()
-        for h in outcome.handoffs:
-            m.handoffs.labels(h.journey, h.from_channel, h.to_channel).inc()
-        for result, n in outcome.merge_results.items():
-            m.merges.labels(result).inc(n)
 
 
 def _outcome_rows(outcome: Outcome) -> dict[str, list[list[Any]]]:

@@ -206,19 +206,26 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
 
     @app.timer(GAUGE_REFRESH_SECONDS)  # type: ignore[untyped-decorator]
     async def refresh_gauges() -> None:
-        """Population of the partitions owned now; off the batch path, one read per tick."""
+        """Population of the partitions owned now, and (owner of partition 0) the ledger totals.
+
+        Off the batch path: a few reads per tick.
+        """
         if not runtime.ready.is_set():
             return
         partitions = owned()
         runtime.metrics.assigned_partitions.set(len(partitions))
+        exporting = 0 in partitions
         try:
             snapshot = await runtime.store.stage_customers(partitions)
             pending = await runtime.store.pending_deadlines(partitions)
+            totals = await runtime.store.ledger() if exporting else {}
         except Exception as exc:
             runtime._sink_error("redis", "stage_customers", exc)
             return
         runtime.metrics.stage_customers.snapshot = snapshot
         runtime.metrics.pending_deadlines.set(pending)
+        runtime.metrics.ledger.totals = totals
+        runtime.metrics.ledger.exporting = exporting
         runtime.metrics.consumer_lag.set(await _consumer_lag(app))
 
     @app.timer(settings.sweep_seconds)  # type: ignore[untyped-decorator]

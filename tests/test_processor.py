@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis
 
-from pipeline import engine
+from pipeline import engine, ledger
 from pipeline.embedded import Service
 from pipeline.events import Event, Validator
 from pipeline.journeys import parse_journeys
@@ -175,8 +175,10 @@ class LosesFirstReply(RedisStore):
 
     lost = 0
 
-    async def commit(self, commits: Any, clocks: Any = None, outbox: Any = None) -> list[int]:
-        result = await super().commit(commits, clocks, outbox)
+    async def commit(
+        self, commits: Any, clocks: Any = None, outbox: Any = None, guarded: Any = ()
+    ) -> list[int]:
+        result = await super().commit(commits, clocks, outbox, guarded)
         if commits and not self.lost:
             self.lost += 1
             raise redis.exceptions.ConnectionError("connection reset by peer (test)")
@@ -198,6 +200,53 @@ async def test_a_commit_retried_after_a_lost_reply_is_not_a_duplicate(
         assert redis_client.hget("jt:{c:c1}:p", "v") == b"1"
         rows = await sink.query("SELECT count() FROM journey.events FINAL")
         assert rows == [(1,)]
+        totals = await p.store.ledger()
+        assert totals[ledger.series("events", "web", "accepted")] == 1  # not 2
+        assert totals[ledger.series("entries", "quick", "browse", "web")] == 1
+    finally:
+        await p.store.close()
+        await sink.close()
+
+
+async def test_a_replayed_batch_adds_nothing_to_the_ledger(
+    redis_service: Service, redis_client: redis.Redis, chdb_path: Path
+) -> None:
+    """Accepted, duplicate (in the batch and across batches) and rejected messages count once."""
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    p = processor(redis_service.url, sink)
+    first = messages([event("e1", "page_view", 0, customer="c1")])
+    batch = [
+        RawMessage("journey.events", 0, 10, event("e2", "add_to_cart", 1, customer="c1")),
+        RawMessage("journey.events", 0, 11, event("e2", "add_to_cart", 1, customer="c1")),
+        RawMessage("journey.events", 0, 12, event("e1", "page_view", 0, customer="c1")),
+        RawMessage("journey.events", 0, 13, b"not json"),
+        RawMessage(
+            "journey.events", 0, 14, event("e3", "page_view", 2, customer="c3", channel="fax")
+        ),
+    ]
+    try:
+        await p.process(first)
+        result = await p.process(batch)
+        assert (result.accepted, result.duplicates, len(result.rejected)) == (1, 2, 2)
+        once = await p.store.ledger()
+        # A worker killed after the commit replays the batch from its last committed offset.
+        again = await p.process(batch)
+        assert again.accepted == 0
+        assert await p.store.ledger() == once
+        want = {
+            ledger.series("events", "web", "accepted"): 2,
+            ledger.series("events", "web", "duplicate"): 2,
+            ledger.series("events", "unknown", "rejected"): 2,
+            ledger.series("rejected", "not_json"): 1,
+            ledger.series("rejected", "channel"): 1,
+            ledger.series("transitions", "quick", "entered"): 1,
+            ledger.series("transitions", "quick", "advanced"): 1,
+            ledger.series("entries", "quick", "browse", "web"): 1,
+            ledger.series("entries", "quick", "cart", "web"): 1,
+            ledger.series("exits", "quick", "browse", "web", "advanced"): 1,
+        }
+        assert {k: v for k, v in once.items() if v} == want
     finally:
         await p.store.close()
         await sink.close()

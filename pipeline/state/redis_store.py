@@ -28,6 +28,10 @@ keeps one profile's keys in one slot):
 - ``jt:clock:<partition>``          hash ``newest`` (newest event time seen on
   the partition) and ``seen`` (Redis server time when it arrived): the
   partition's event-time clock, which runs on at wall-clock rate while idle.
+- ``jt:ledger:<partition>``         hash: the business metrics' counts
+  (pipeline/ledger.py), added in the same script as the state they count.
+- ``jt:x:<partition>:<offset>``     a rejected or duplicate message already
+  tallied; expires after the dedupe TTL, as event marks do.
 
 Deadlines and clocks live here, not in worker memory, so a partition's new
 owner after a rebalance picks up exactly where the old one stopped.
@@ -54,8 +58,11 @@ FIELD_SEP = "\x1f"
 
 # KEYS: every key touched. ARGV[1]: JSON plan of groups (indexes into KEYS),
 # ARGV[2]: mark TTL, ARGV[3]: partition clocks [[key, newest event time], ...],
-# ARGV[4]: the batch's own outbox entry [key, field, ARGV index] or '', ARGV[5..]:
-# outbox payloads (kept out of the JSON plan so they are not escaped twice).
+# ARGV[4]: the batch's own outbox entry [key, field, ARGV index] or '', ARGV[5]:
+# guarded tallies [[message mark key, ledger key, [[field, n], ...]], ...] (a
+# rejected or duplicate message: tallied only if its mark was not set yet),
+# ARGV[6..]: outbox payloads (kept out of the JSON plan so they are not escaped twice).
+# A group's tally ("x": [ledger key, [[field, n], ...]]) is added with its state.
 # A group's marks are [key, "<partition>:<offset>"]: a replayed message finds
 # its own position there and is known as already applied, not as a duplicate.
 # A group's outbox entry (its ClickHouse rows and Kafka messages) is written
@@ -123,6 +130,18 @@ for i, g in ipairs(plan) do
     for _, c in ipairs(g.c) do
       redis.call('HINCRBY', KEYS[c[1]], c[2], c[3])
     end
+    if g.x then
+      for _, f in ipairs(g.x[2]) do
+        redis.call('HINCRBY', KEYS[g.x[1]], f[1], f[2])
+      end
+    end
+  end
+end
+for _, x in ipairs(cjson.decode(ARGV[5])) do
+  if redis.call('SET', KEYS[x[1]], '1', 'NX', 'EX', ttl) then
+    for _, f in ipairs(x[3]) do
+      redis.call('HINCRBY', KEYS[x[2]], f[1], f[2])
+    end
   end
 end
 for _, c in ipairs(clocks) do
@@ -163,6 +182,14 @@ def outbox_key(partition: int) -> str:
     return f"jt:outbox:{partition}"
 
 
+def ledger_key(partition: int) -> str:
+    return f"jt:ledger:{partition}"
+
+
+def tallied_key(partition: int, offset: int) -> str:
+    return f"jt:x:{partition}:{offset}"
+
+
 def count_field(journey: str, stage: str) -> str:
     return f"{journey}{FIELD_SEP}{stage}"
 
@@ -200,6 +227,17 @@ class Commit:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     # (partition, payload): what must reach ClickHouse and Kafka once this is applied
     outbox: tuple[int, bytes] | None = None
+    # (partition, field -> n): what this adds to the business metrics (pipeline/ledger.py)
+    tally: tuple[int, Mapping[str, int]] | None = None
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """The tally of a message that changes no state (rejected, duplicate), counted once."""
+
+    partition: int
+    offset: int
+    tally: Mapping[str, int]
 
 
 @dataclass(frozen=True)
@@ -276,19 +314,21 @@ class RedisStore:
         commits: Sequence[Commit],
         clocks: Mapping[int, float] | None = None,
         outbox: tuple[int, str, bytes] | None = None,
+        guarded: Sequence[Guarded] = (),
     ) -> list[int]:
         """Apply each commit atomically; return the indexes of those that conflicted.
 
         ``clocks`` advances partitions' event-time clocks (partition → newest
-        event time in this batch) in the same script.
+        event time in this batch) in the same script; ``guarded`` tallies
+        messages that change no state, each at most once.
         """
-        if not commits and not clocks and outbox is None:
+        if not commits and not clocks and outbox is None and not guarded:
             return []
         payloads: list[bytes] = []
 
         def arg(payload: bytes) -> int:
             payloads.append(payload)
-            return 4 + len(payloads)  # ARGV[5] is the first payload
+            return 5 + len(payloads)  # ARGV[6] is the first payload
 
         keys: list[str] = []
         index: dict[str, int] = {}
@@ -328,6 +368,9 @@ class RedisStore:
             if commit.outbox is not None:
                 partition, payload = commit.outbox
                 item["o"] = [k(outbox_key(partition)), arg(payload)]
+            if commit.tally is not None and any(commit.tally[1].values()):
+                partition, tally = commit.tally
+                item["x"] = [k(ledger_key(partition)), [[f, n] for f, n in tally.items() if n]]
             plan.append(item)
         clock_plan = [[k(clock_key(p)), repr(float(ts))] for p, ts in (clocks or {}).items()]
         own = b""
@@ -341,6 +384,16 @@ class RedisStore:
                 self.dedupe_ttl_seconds,
                 orjson.dumps(clock_plan),
                 own,
+                orjson.dumps(
+                    [
+                        [
+                            k(tallied_key(g.partition, g.offset)),
+                            k(ledger_key(g.partition)),
+                            [[f, n] for f, n in g.tally.items() if n],
+                        ]
+                        for g in guarded
+                    ]
+                ),
                 *payloads,
             ],
         )
@@ -415,6 +468,19 @@ class RedisStore:
     async def all_stage_customers(self) -> dict[tuple[str, str], int]:
         """Totals over every partition: for `journey up`'s view, not for metrics."""
         return await self.stage_customers(await self.known_partitions())
+
+    async def ledger(self) -> dict[str, int]:
+        """The business metrics' totals over every partition (pipeline/ledger.py)."""
+        partitions = await self.known_partitions("jt:ledger:")
+        pipe = self.redis.pipeline(transaction=False)
+        for p in partitions:
+            pipe.hgetall(ledger_key(p))
+        totals: dict[str, int] = {}
+        for mapping in await pipe.execute() if partitions else []:
+            for raw_field, raw_value in mapping.items():
+                name = raw_field.decode()
+                totals[name] = totals.get(name, 0) + int(raw_value)
+        return totals
 
     async def profile(self, ref: Ref) -> Profile | None:
         data = await self.redis.hget(profile_key(ref), "d")

@@ -29,6 +29,7 @@ from pipeline.events import Event, Validator
 from pipeline.journeys import default_journeys
 from pipeline.settings import Settings
 from pipeline.simulate import generate
+from pipeline.stages import ENTRY_KINDS
 from tests.integration.workers import WorkerProcess, broker, journey, total, wait_until
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
@@ -96,9 +97,19 @@ def test_sigkilled_worker_ends_with_the_state_and_rows_of_a_clean_run(
                 return marks == accepted and owed == 0
 
             wait_until(caught_up, timeout=240, what="the last run to finish the topic")
-            time.sleep(1.0)
+            time.sleep(2.5)  # one gauge refresh: the metrics read the ledger in Redis
+            samples = worker.metrics()
         finally:
             worker.stop()
+    # The metrics of a run that never crashed: every message counted once across the kills.
+    assert total(samples, "journey_events_total", outcome="accepted") == accepted
+    assert total(samples, "journey_events_total", outcome="duplicate") == expected.duplicates
+    assert total(samples, "journey_events_total", outcome="rejected") == 2
+    by_kind = Counter(t.kind for t in expected.outcome.transitions)
+    for kind, n in by_kind.items():
+        assert total(samples, "journey_transitions_total", kind=kind) == n, kind
+    entries = sum(1 for t in expected.outcome.transitions if t.kind in ENTRY_KINDS)
+    assert total(samples, "journey_stage_entries_total") == entries
     assert kills == KILLS
 
     # Redis: exactly the reference's profiles and population.
