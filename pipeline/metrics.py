@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pipeline import ledger
+from pipeline.health import SERVICES, Health
 
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, float("inf"))
 BATCH_SIZE_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, float("inf"))
@@ -84,6 +85,23 @@ class ConsistencyCollector(Collector):
         for (journey, stage, channel), value in sorted(self.ratios.items()):
             ratios.add_metric([journey, stage, channel], value)
         yield ratios
+
+
+class DependencyCollector(Collector):
+    """``journey_dependency_up{service}``: read from the worker's Health at scrape time."""
+
+    def __init__(self) -> None:
+        self.health = Health()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "journey_dependency_up",
+            "0 while calls to a service (kafka, redis, clickhouse) fail and are being retried",
+            labels=["service"],
+        )
+        for service in SERVICES:
+            gauge.add_metric([service], 1.0 if self.health.up(service) else 0.0)
+        yield gauge
 
 
 class LedgerCollector(Collector):
@@ -248,3 +266,5 @@ class Metrics:
         r.register(self.scores)
         self.ledger = LedgerCollector()
         r.register(self.ledger)
+        self.dependencies = DependencyCollector()
+        r.register(self.dependencies)

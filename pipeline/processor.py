@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from pipeline import engine, ledger
 from pipeline.engine import Outcome, Slot
 from pipeline.events import Event, Rejection, Validator
+from pipeline.health import Health
 from pipeline.identity import (
     REFUSED_CLAIMED,
     Ref,
@@ -177,8 +178,10 @@ class BatchProcessor:
         retry_max_seconds: float = 30.0,
         allowed_lateness_seconds: float = 60.0,
         publish: Publisher = _publish_nowhere,
+        health: Health | None = None,
     ) -> None:
         self.publish = publish
+        self.health = health or Health()
         # Outbox entries of batches this process is still writing out.
         self._in_flight: set[str] = set()
         self.retry_max_seconds = retry_max_seconds
@@ -505,8 +508,10 @@ class BatchProcessor:
                     await self.publish(messages)
                 except (KafkaError, OSError) as exc:
                     self.metrics.sink_errors.labels("kafka", "publish").inc()
+                    self.health.failed("kafka", exc)
                     log.warning("Kafka publish failed (%s: %s); retrying", type(exc).__name__, exc)
                     raise
+                self.health.ok("kafka")
 
     async def _done(self, tokens: list[tuple[int, str]]) -> None:
         """Forget outbox entries whose rows are in ClickHouse and messages in Kafka."""
@@ -527,11 +532,14 @@ class BatchProcessor:
         ):
             with attempt:
                 try:
-                    return await call()
+                    result = await call()
                 except TRANSIENT_REDIS_ERRORS as exc:
                     self.metrics.sink_errors.labels("redis", what).inc()
+                    self.health.failed("redis", exc)
                     log.warning("Redis %s failed (%s: %s); retrying", what, type(exc).__name__, exc)
                     raise
+                self.health.ok("redis")
+                return result
         raise AssertionError("unreachable")
 
     def _observe_events(self, applied: list[_Pending]) -> None:

@@ -22,6 +22,7 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.events import Validator
+from pipeline.health import Health
 from pipeline.journeys import Journey, load_journeys
 from pipeline.metrics import Metrics
 from pipeline.processor import BatchProcessor, OutMessage, RawMessage
@@ -56,8 +57,11 @@ class Runtime:
         self.journeys = journeys
         self.metrics = Metrics(self.stage_labels)
         self.store = RedisStore(settings.redis_url, settings.dedupe_ttl_seconds)
+        self.health = Health()
+        self.metrics.dependencies.health = self.health
         self.sink = ClickHouseSink(settings.clickhouse_dsn, settings.retry_max_seconds)
         self.sink.on_error = lambda op, exc: self._sink_error("clickhouse", op, exc)
+        self.sink.on_ok = lambda: self.health.ok("clickhouse")
         self.processor = BatchProcessor(
             Validator(settings.channels),
             journeys,
@@ -66,6 +70,7 @@ class Runtime:
             self.metrics,
             settings.retry_max_seconds,
             settings.allowed_lateness_seconds,
+            health=self.health,
         )
         self.ready = asyncio.Event()
         self._starting = asyncio.Lock()
@@ -78,6 +83,7 @@ class Runtime:
 
     def _sink_error(self, sink: str, op: str, exc: BaseException) -> None:
         self.metrics.sink_errors.labels(sink, op).inc()
+        self.health.failed(sink, exc)
         log.warning("%s %s failed (%s: %s); retrying", sink, op, type(exc).__name__, exc)
 
     async def start(self) -> None:
@@ -87,6 +93,7 @@ class Runtime:
             while True:
                 try:
                     await self.store.ping()
+                    self.health.ok("redis")
                     break
                 except Exception as exc:  # Redis not up yet: wait, do not consume.
                     self._sink_error("redis", "ping", exc)
@@ -222,6 +229,7 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
         except Exception as exc:
             runtime._sink_error("redis", "stage_customers", exc)
             return
+        runtime.health.ok("redis")
         runtime.metrics.stage_customers.snapshot = snapshot
         runtime.metrics.pending_deadlines.set(pending)
         runtime.metrics.ledger.totals = totals
@@ -267,12 +275,18 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
     @app.page("/healthz")
     class HealthView(View):
         async def get(self, request: Request) -> Response:
+            waiting = runtime.health.waiting_for()
+            status = "degraded" if waiting else "ok"
+            if not runtime.ready.is_set():
+                status = "starting"
             body: dict[str, Any] = {
-                "status": "ok" if runtime.ready.is_set() else "starting",
+                "status": status,
                 "journeys": [j.name for j in runtime.journeys],
                 "last_batch_at": runtime.last_batch_at,
+                # Services the worker is retrying: consumption waits until they answer.
+                "waiting_for": waiting,
             }
-            return self.json(body, status=200 if runtime.ready.is_set() else 503)
+            return self.json(body, status=200 if status == "ok" else 503)
 
     @app.page("/report")
     class ReportView(View):

@@ -200,6 +200,7 @@ class ClickHouseSink:
         self.handoffs: list[list[Any]] = []
         self.feedback: list[list[Any]] = []
         self.on_error: Callable[[str, BaseException], None] | None = None
+        self.on_ok: Callable[[], None] | None = None  # a call succeeded (an outage is over)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -235,13 +236,16 @@ class ClickHouseSink:
         ):
             with attempt:
                 try:
-                    return await self._call(fn, *args)
+                    result = await self._call(fn, *args)
                 except SERVICE_ERRORS as exc:
                     if self.on_error is not None:
                         self.on_error(what, exc)
                     # A broken HTTP session or engine handle is rebuilt on the next try.
                     self._client = None
                     raise
+                if self.on_ok is not None:
+                    self.on_ok()
+                return result
         raise AssertionError("unreachable")
 
     def add_events(self, rows: Sequence[list[Any]]) -> None:

@@ -52,7 +52,7 @@ pytestmark = pytest.mark.services
 
 FLOOD = 3000  # events of one customer, in one burst
 #: Everything /healthz may show. A new field is documented in the README and added here.
-HEALTHZ_FIELDS = frozenset({"status", "journeys", "last_batch_at"})
+HEALTHZ_FIELDS = frozenset({"status", "journeys", "last_batch_at", "waiting_for"})
 
 
 @pytest.fixture(scope="module")
