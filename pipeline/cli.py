@@ -85,7 +85,13 @@ def send(file: Path, topic: str) -> None:
     with _progress() as progress:
         task = progress.add_task(f"sending {file.name}", total=total)
         summary = asyncio.run(
-            send_file(settings.kafka_url, topic, file, on_sent=lambda n: progress.advance(task, n))
+            send_file(
+                settings.kafka_url,
+                topic,
+                file,
+                on_sent=lambda n: progress.advance(task, n),
+                auth=settings.kafka_auth,
+            )
         )
     console.print(
         f"sent {summary.sent} of {summary.lines} lines ({summary.bytes} bytes) to {topic}; "
@@ -212,6 +218,7 @@ def simulate(
             seed,
             realtime=not fast,
             time_scale=time_scale,
+            auth=settings.kafka_auth,
         )
     )
     console.print(f"simulated {sent} events to {EVENTS_TOPIC}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
@@ -22,6 +23,8 @@ from tenacity import (
     stop_after_delay,
     wait_exponential,
 )
+
+from pipeline.settings import KafkaAuth
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,27 @@ async def _aiter(records: AsyncIterable[Record] | Iterable[Record]) -> AsyncIter
                 await asyncio.sleep(0)  # a long sync source must not starve the sender task
 
 
-async def start_producer(kafka_url: str, linger_ms: int) -> Any:
+def client_options(auth: KafkaAuth) -> dict[str, Any]:
+    """aiokafka's keyword arguments for ``auth`` (security protocol, SASL, TLS context)."""
+    options: dict[str, Any] = {"security_protocol": auth.protocol}
+    if auth.tls:
+        options["ssl_context"] = ssl_context(auth)
+    if auth.sasl:
+        options["sasl_mechanism"] = auth.sasl_mechanism
+        options["sasl_plain_username"] = auth.username
+        options["sasl_plain_password"] = str(auth.password)
+    return options
+
+
+def ssl_context(auth: KafkaAuth) -> ssl.SSLContext:
+    """A verifying TLS context: the system's CA bundle, or ``auth.ca_file``."""
+    return ssl.create_default_context(cafile=None if auth.ca_file is None else str(auth.ca_file))
+
+
+async def start_producer(kafka_url: str, linger_ms: int, auth: KafkaAuth | None = None) -> Any:
     """Start a producer, retrying while the broker is not reachable yet (e.g. just launched)."""
     servers = bootstrap_servers(kafka_url)
+    options = client_options(auth or KafkaAuth())
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(KafkaConnectionError),
         wait=wait_exponential(multiplier=0.5, max=5),
@@ -87,6 +108,7 @@ async def start_producer(kafka_url: str, linger_ms: int) -> Any:
                 enable_idempotence=False,
                 compression_type=None,
                 linger_ms=linger_ms,
+                **options,
             )
             try:
                 await producer.start()
@@ -105,6 +127,7 @@ async def produce_batches(
     on_sent: Callable[[int], None] | None = None,
     linger_ms: int = 20,
     max_in_flight: int = 10000,
+    auth: KafkaAuth | None = None,
 ) -> int:
     """Send every (key, value) record to `topic`; return how many the broker acknowledged.
 
@@ -115,7 +138,7 @@ async def produce_batches(
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
-    producer = await start_producer(kafka_url, linger_ms)
+    producer = await start_producer(kafka_url, linger_ms, auth)
     pending: deque[asyncio.Future[Any]] = deque()
     sent = 0
 

@@ -14,6 +14,7 @@ import orjson
 
 from pipeline.identity import routing_key
 from pipeline.producer import produce_batches
+from pipeline.settings import KafkaAuth
 
 
 @dataclass
@@ -64,6 +65,7 @@ async def send_file(
     topic: str,
     path: str | Path,
     on_sent: Callable[[int], None] | None = None,
+    auth: KafkaAuth | None = None,
 ) -> SendSummary:
     """Send every non-blank line of a JSON Lines file; `on_sent(n)` gets acknowledged increments."""
     summary = SendSummary()
@@ -76,5 +78,5 @@ async def send_file(
                 summary.unparseable += 1
             yield key, raw
 
-    summary.sent = await produce_batches(kafka_url, topic, records(), on_sent=on_sent)
+    summary.sent = await produce_batches(kafka_url, topic, records(), on_sent=on_sent, auth=auth)
     return summary

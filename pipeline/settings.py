@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -60,9 +60,83 @@ def _list(raw: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (raw or "").split(",") if item.strip())
 
 
+class Secret(str):
+    """A string that never shows itself in a repr, a log line or a traceback's locals."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class KafkaAuth:
+    """How every Kafka client of the project authenticates (worker, producers, collector).
+
+    ``protocol`` is Kafka's security.protocol. TLS uses the system's CA bundle
+    unless ``ca_file`` names one; SASL needs ``username`` and ``password``.
+    """
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    username: str = ""
+    password: Secret = field(default_factory=lambda: Secret(""))
+    ca_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in SECURITY_PROTOCOLS:
+            raise SettingsError(
+                f"JOURNEY_KAFKA_SECURITY_PROTOCOL={self.protocol!r}: use one of "
+                + ", ".join(SECURITY_PROTOCOLS)
+            )
+        if self.sasl_mechanism not in SASL_MECHANISMS:
+            raise SettingsError(
+                f"JOURNEY_KAFKA_SASL_MECHANISM={self.sasl_mechanism!r}: use one of "
+                + ", ".join(SASL_MECHANISMS)
+            )
+        if self.sasl and not (self.username and self.password):
+            raise SettingsError(
+                f"JOURNEY_KAFKA_SECURITY_PROTOCOL={self.protocol} needs "
+                "JOURNEY_KAFKA_USERNAME and JOURNEY_KAFKA_PASSWORD"
+            )
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> KafkaAuth:
+        ca_file = env.get("JOURNEY_KAFKA_CA_FILE")
+        return cls(
+            protocol=env.get("JOURNEY_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper(),
+            sasl_mechanism=env.get("JOURNEY_KAFKA_SASL_MECHANISM", "PLAIN").upper(),
+            username=env.get("JOURNEY_KAFKA_USERNAME", ""),
+            password=Secret(env.get("JOURNEY_KAFKA_PASSWORD", "")),
+            ca_file=Path(ca_file) if ca_file else None,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        env = {
+            "JOURNEY_KAFKA_SECURITY_PROTOCOL": self.protocol,
+            "JOURNEY_KAFKA_SASL_MECHANISM": self.sasl_mechanism,
+            "JOURNEY_KAFKA_USERNAME": self.username,
+            "JOURNEY_KAFKA_PASSWORD": str(self.password),
+        }
+        if self.ca_file is not None:
+            env["JOURNEY_KAFKA_CA_FILE"] = str(self.ca_file)
+        return env
+
+
 @dataclass(frozen=True)
 class Settings:
     kafka_url: str = "kafka://127.0.0.1:9092"
+    kafka_auth: KafkaAuth = KafkaAuth()
     redis_url: str = "redis://127.0.0.1:6379/0"
     clickhouse_dsn: str = "chdb:///var/lib/journey/chdb"
     journeys_path: Path | None = None
@@ -121,6 +195,7 @@ class Settings:
         keys_file = env.get("JOURNEY_COLLECTOR_KEYS_FILE")
         return cls(
             kafka_url=env.get("JOURNEY_KAFKA_URL", cls.kafka_url),
+            kafka_auth=KafkaAuth.from_env(env),
             redis_url=env.get("JOURNEY_REDIS_URL", cls.redis_url),
             clickhouse_dsn=env.get("JOURNEY_CLICKHOUSE_DSN", cls.clickhouse_dsn),
             journeys_path=Path(journeys) if journeys else None,
@@ -196,6 +271,7 @@ class Settings:
             "JOURNEY_COLLECTOR_BURST": str(self.collector_burst),
             "JOURNEY_COLLECTOR_ACK_TIMEOUT_SECONDS": str(self.collector_ack_timeout_seconds),
         }
+        env.update(self.kafka_auth.to_env())
         if self.journeys_path is not None:
             env["JOURNEY_JOURNEYS"] = str(self.journeys_path)
         if self.collector_keys_file is not None:

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from pipeline.producer import produce_batches
+from pipeline.settings import KafkaAuth
 
 CHANNEL_MIX: dict[str, float] = {
     "web": 0.40,
@@ -502,6 +503,7 @@ async def run_simulation(
     realtime: bool = True,
     on_sent: Callable[[int], None] | None = None,
     time_scale: float = 1.0,
+    auth: KafkaAuth | None = None,
 ) -> int:
     """Produce simulated events to Kafka, keyed by customer; return how many were sent.
 
@@ -527,4 +529,4 @@ async def run_simulation(
                     await asyncio.sleep(delay)
             yield key_of(event).encode(), orjson.dumps(event)
 
-    return await produce_batches(kafka_url, topic, records(), on_sent=on_sent)
+    return await produce_batches(kafka_url, topic, records(), on_sent=on_sent, auth=auth)

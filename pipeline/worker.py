@@ -26,6 +26,7 @@ from pipeline.health import Health
 from pipeline.journeys import Journey, load_journeys
 from pipeline.metrics import Metrics
 from pipeline.processor import BatchProcessor, OutMessage, RawMessage
+from pipeline.producer import ssl_context
 from pipeline.report import (
     REPORT_END,
     REPORT_START,
@@ -38,6 +39,7 @@ from pipeline.settings import (
     EVENTS_TOPIC,
     REJECTED_TOPIC,
     TRANSITIONS_TOPIC,
+    KafkaAuth,
     Settings,
     redact_url,
 )
@@ -141,6 +143,25 @@ class Runtime:
         self.metrics.scores.channels = scores.channels
 
 
+def faust_credentials(auth: KafkaAuth) -> dict[str, Any]:
+    """Faust's ``broker_credentials`` for JOURNEY_KAFKA_* (none: plaintext).
+
+    Faust picks SASL_SSL when the SASL credentials carry a TLS context, SASL_PLAINTEXT otherwise.
+    """
+    context = ssl_context(auth) if auth.tls else None
+    if auth.sasl:
+        credentials: Any = faust.SASLCredentials(
+            username=auth.username,
+            password=str(auth.password),
+            ssl_context=context,
+            mechanism=auth.sasl_mechanism,
+        )
+        return {"broker_credentials": credentials}
+    if context is not None:
+        return {"broker_credentials": faust.SSLCredentials(context)}
+    return {}
+
+
 def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) -> faust.App:
     journeys = journeys if journeys is not None else load_journeys(settings.journeys_path)
     runtime = Runtime(settings, journeys)
@@ -158,6 +179,7 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
         broker_heartbeat_interval=min(3.0, settings.session_timeout_seconds / 3),
         key_serializer="raw",
         value_serializer="raw",
+        **faust_credentials(settings.kafka_auth),
     )
     app.runtime = runtime  # type: ignore[attr-defined]
     events = app.topic(EVENTS_TOPIC, key_serializer="raw", value_serializer="raw")

@@ -49,3 +49,59 @@ def test_lists_ignore_blanks() -> None:
 def test_bad_numbers_say_which_variable() -> None:
     with pytest.raises(SettingsError, match="JOURNEY_CONSISTENCY_MIN_EXITS"):
         Settings.from_env({"JOURNEY_CONSISTENCY_MIN_EXITS": "many"})
+
+
+def test_kafka_sasl_and_tls_settings_reach_every_client(tmp_path: Path) -> None:
+    """The worker's Faust app and every aiokafka producer get the same credentials."""
+    from pipeline.producer import client_options
+    from pipeline.worker import faust_credentials
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text(CA_PEM)
+    env = {
+        "JOURNEY_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
+        "JOURNEY_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "JOURNEY_KAFKA_USERNAME": "journey",
+        "JOURNEY_KAFKA_PASSWORD": "s3cret",
+        "JOURNEY_KAFKA_CA_FILE": str(ca),
+    }
+    settings = Settings.from_env(env)
+    assert Settings.from_env(settings.to_env()) == settings
+    assert "s3cret" not in repr(settings)  # settings are logged and shown in tracebacks
+    options = client_options(settings.kafka_auth)
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == ("journey", "s3cret")
+    assert options["ssl_context"].verify_mode.name == "CERT_REQUIRED"
+    credentials = faust_credentials(settings.kafka_auth)["broker_credentials"]
+    assert credentials.username == "journey" and credentials.ssl_context is not None
+    assert client_options(Settings().kafka_auth) == {"security_protocol": "PLAINTEXT"}
+    assert faust_credentials(Settings().kafka_auth) == {}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"JOURNEY_KAFKA_SECURITY_PROTOCOL": "TLS"}, "use one of PLAINTEXT, SSL"),
+        ({"JOURNEY_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "needs JOURNEY_KAFKA_USERNAME"),
+        ({"JOURNEY_KAFKA_SASL_MECHANISM": "GSSAPI"}, "JOURNEY_KAFKA_SASL_MECHANISM"),
+    ],
+)
+def test_bad_kafka_security_settings_say_what_to_set(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
+
+
+# A self-signed CA certificate, only so that a TLS context can load a CA file.
+CA_PEM = """-----BEGIN CERTIFICATE-----
+MIIBiTCCAS+gAwIBAgIUel1x8zvuqYPX59FZqgi2RCnTEwUwCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPam91cm5leS10ZXN0LWNhMB4XDTI2MTEyNTE2NTQ0MloXDTM2
+MTEyMjE2NTQ0MlowGjEYMBYGA1UEAwwPam91cm5leS10ZXN0LWNhMFkwEwYHKoZI
+zj0CAQYIKoZIzj0DAQcDQgAEHzZLHD3gMxp5ICraZYJKu7vaUCrzZ2kD0a4FwUlX
+Q+F7juon66bKw9LdMWC3UTPX3enkJBqQWGiinsaJY9QgcaNTMFEwHQYDVR0OBBYE
+FOurG3gLOs0WMQ3CI+bS36ullneYMB8GA1UdIwQYMBaAFOurG3gLOs0WMQ3CI+bS
+36ullneYMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSAAwRQIhAPvHRZCY
+BfafGvspTX4OKMpZ0g64/ag7lOoO1hyIcrZGAiBppqz61JukoT1ZDdaBAoJLyaWr
+Kw3lgQO2zKJE5Q4QYA==
+-----END CERTIFICATE-----
+"""

@@ -163,7 +163,9 @@ class Collector:
         """Start the producer, retrying for as long as it takes; requests get 503 meanwhile."""
         while self.producer is None:
             try:
-                self.producer = await start_producer(self.settings.kafka_url, PRODUCER_LINGER_MS)
+                self.producer = await start_producer(
+                    self.settings.kafka_url, PRODUCER_LINGER_MS, self.settings.kafka_auth
+                )
             except Exception as exc:
                 self._kafka_down(f"unreachable ({type(exc).__name__}); retrying")
                 await asyncio.sleep(HEALTH_PROBE_SECONDS)

@@ -22,7 +22,7 @@ import orjson
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from pipeline.producer import start_producer
-from pipeline.settings import EVENTS_TOPIC
+from pipeline.settings import EVENTS_TOPIC, KafkaAuth
 
 from .builder import Outgoing
 from .retry import RetryPolicy, Transient
@@ -117,8 +117,10 @@ class KafkaTransport:
         topic: str = EVENTS_TOPIC,
         retry: RetryPolicy | None = None,
         linger_ms: int = 5,
+        auth: KafkaAuth | None = None,
     ) -> None:
         self._url = kafka_url
+        self._auth = auth  # SASL/TLS, as JOURNEY_KAFKA_* configure the worker's
         self._topic = topic
         self._retry = retry or RetryPolicy()
         self._linger_ms = linger_ms  # the emitter batches already; this only coalesces a batch
@@ -126,7 +128,7 @@ class KafkaTransport:
 
     async def start(self) -> None:
         if self._producer is None:
-            self._producer = await start_producer(self._url, self._linger_ms)
+            self._producer = await start_producer(self._url, self._linger_ms, self._auth)
 
     async def send(self, batch: Sequence[Outgoing]) -> BatchResult:
         result = BatchResult()
