@@ -219,14 +219,19 @@ async def _kafka_metadata(bootstrap: str) -> None:
         await admin.close()
 
 
-def start_kafka(port: int | None = None, *, log_dir: Path) -> Service:
+def start_kafka(
+    port: int | None = None, *, log_dir: Path, advertised_port: int | None = None
+) -> Service:
     """Start Tansu with memory storage; return once a Kafka metadata request succeeds.
 
     An open port is not enough: Tansu accepts connections a little before it
     answers requests, and clients that connect too early fail their bootstrap.
+    ``advertised_port`` makes clients reconnect through another port (a proxy
+    a test can cut); the returned URL is then that port's.
     """
     port = port or free_port()
     listener = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
     process, log_path = _spawn(
         "tansu",
         [
@@ -235,14 +240,14 @@ def start_kafka(port: int | None = None, *, log_dir: Path) -> Service:
             "--listener-url",
             listener,
             "--advertised-listener-url",
-            listener,
+            advertised,
             "--storage-engine",
             "memory://tansu/",
         ],
         log_dir,
         cwd=log_dir,
     )
-    service = Service("tansu", process, f"kafka://127.0.0.1:{port}", log_path)
+    service = Service("tansu", process, f"kafka://127.0.0.1:{advertised_port or port}", log_path)
     try:
         deadline = time.monotonic() + KAFKA_READY_TIMEOUT
         wait_for_port(

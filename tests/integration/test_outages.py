@@ -1,4 +1,4 @@
-"""Redis goes away mid-stream and comes back: the worker waits, says so, and loses nothing.
+"""Redis or the broker goes away mid-stream and comes back: the worker waits and loses nothing.
 
 Redis runs with its append-only file, as in production. While it is down the
 worker retries with back-off and stops consuming (the agent waits), /healthz
@@ -26,12 +26,13 @@ import pytest
 import redis
 
 from pipeline import engine
-from pipeline.embedded import Service, free_port, start_redis
+from pipeline.embedded import Service, create_topics, free_port, start_kafka, start_redis
 from pipeline.events import Event, Validator
 from pipeline.journeys import default_journeys
 from pipeline.producer import produce_batches
-from pipeline.settings import EVENTS_TOPIC, Settings
+from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 from pipeline.simulate import generate, key_of
+from tests.integration.netcut import Forwarder
 from tests.integration.workers import WorkerProcess, broker, total, wait_until
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
@@ -156,3 +157,74 @@ def test_redis_restart_mid_stream_loses_nothing(kafka: Service, tmp_path: Path) 
         assert transitions == [(len(expected.outcome.transitions),)]
     finally:
         ch.close()
+
+
+def test_broker_cut_off_mid_stream_loses_nothing(
+    redis_service: Service, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Every connection to the broker is cut for longer than the session timeout, then restored.
+
+    The worker must survive it, rejoin its group and finish the stream exactly.
+    """
+    events = list(generate(random.Random(9), time.time() - 1800, 2.0, 1700.0))
+    good = [
+        d for d in (Validator().decode(orjson.dumps(e)) for e in events) if isinstance(d, Event)
+    ]
+    expected = engine.replay(good, default_journeys())
+    accepted = len(good) - expected.duplicates
+    half = len(events) // 2
+
+    forwarder = Forwarder(free_port(), free_port())
+    forwarder.restore()
+    kafka = start_kafka(
+        forwarder.target_port, log_dir=tmp_path, advertised_port=forwarder.listen_port
+    )
+    worker = None
+    try:
+        create_topics(kafka.url, {EVENTS_TOPIC: 1, REJECTED_TOPIC: 1, TRANSITIONS_TOPIC: 1})
+        settings = Settings(
+            kafka_url=kafka.url,
+            redis_url=redis_service.url,
+            clickhouse_dsn=f"chdb://{tmp_path / 'chdb'}",
+            web_port=free_port(),
+            app_id="broker-cut",
+            retry_max_seconds=2.0,
+            session_timeout_seconds=10.0,
+        )
+        worker = WorkerProcess(settings, tmp_path / "worker.log")
+        wait_until(
+            lambda: total(worker.metrics(), "journey_assigned_partitions") == 1,
+            timeout=180,
+            what="the worker to own the partition",
+        )
+        produce(kafka.url, events[:half])
+        wait_until(
+            lambda: total(worker.metrics(), "journey_events_total") >= half,
+            timeout=120,
+            what="the first half to be processed",
+        )
+        forwarder.cut()
+        time.sleep(settings.session_timeout_seconds * 2.5)
+        assert worker.process.poll() is None, worker.log_tail()
+        forwarder.restore()
+        produce(kafka.url, events[half:])
+
+        def caught_up() -> bool:
+            marks = sum(1 for _ in redis_client.scan_iter("jt:e:*", count=1000))
+            owed = sum(redis_client.hlen(k) for k in redis_client.scan_iter("jt:outbox:*"))
+            return marks == accepted and owed == 0
+
+        wait_until(caught_up, timeout=240, what="the worker to finish after the broker returned")
+        time.sleep(2.5)
+        samples = worker.metrics()
+        assert total(samples, "journey_events_total", outcome="accepted") == accepted
+        assert total(samples, "journey_events_total", outcome="duplicate") == expected.duplicates
+        for ref, slot in expected.slots.items():
+            stored = redis_client.hget(f"jt:{{{ref}}}:p", "d")
+            want = None if slot.profile is None else orjson.loads(slot.profile.to_json())
+            assert (ref, None if stored is None else orjson.loads(stored)) == (ref, want)
+    finally:
+        if worker is not None:
+            worker.stop()
+        kafka.stop()
+        forwarder.close()
