@@ -169,7 +169,9 @@ WEIGHTS = {"conversion": 0.4, "dropoff": 0.2, "time_to_goal": 0.2, "satisfaction
 
 unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 maybe_unit = st.one_of(st.none(), unit)
-weight = st.floats(min_value=0.0, max_value=100.0, allow_nan=False)
+# Weights are numbers someone writes in a journey file: zero, or not vanishingly small
+# (a subnormal weight times a factor can underflow to 0, which is not about proportions).
+weight = st.one_of(st.just(0.0), st.floats(min_value=1e-3, max_value=100.0))
 component_values = st.fixed_dictionaries({c: maybe_unit for c in COMPONENTS})
 component_weights = st.fixed_dictionaries({c: weight for c in COMPONENTS})
 

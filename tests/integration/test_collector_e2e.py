@@ -23,6 +23,7 @@ from typing import Any
 import clickhouse_connect
 import orjson
 import pytest
+import redis
 
 from pipeline.collector.keys import hash_key
 from pipeline.embedded import Service, free_port
@@ -61,8 +62,9 @@ def curl(port: int, body_path: Path, *headers: str) -> tuple[int, dict[str, Any]
 
 
 def test_curl_through_collector_and_worker(
-    kafka: Service, redis_service: Service, tmp_path: Path
+    kafka: Service, redis_service: Service, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
+    """redis_client empties the shared server: the metrics' ledger lives there."""
     lines = known_events()
     first, second = lines[:12], lines[12:]
     chdb = tmp_path / "chdb"
