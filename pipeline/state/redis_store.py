@@ -32,6 +32,8 @@ keeps one profile's keys in one slot):
   (pipeline/ledger.py), added in the same script as the state they count.
 - ``jt:x:<partition>:<offset>``     a rejected or duplicate message already
   tallied; expires after the dedupe TTL, as event marks do.
+- ``jt:partitions``                 set of every partition with keys above, so
+  readers never SCAN the keyspace (millions of marks) to find them.
 
 Deadlines and clocks live here, not in worker memory, so a partition's new
 owner after a rebalance picks up exactly where the old one stopped.
@@ -61,7 +63,8 @@ FIELD_SEP = "\x1f"
 # ARGV[4]: the batch's own outbox entry [key, field, ARGV index] or '', ARGV[5]:
 # guarded tallies [[message mark key, ledger key, [[field, n], ...]], ...] (a
 # rejected or duplicate message: tallied only if its mark was not set yet),
-# ARGV[6..]: outbox payloads (kept out of the JSON plan so they are not escaped twice).
+# ARGV[6]: [registry key, [partition, ...]] the partitions this call touches,
+# ARGV[7..]: outbox payloads (kept out of the JSON plan so they are not escaped twice).
 # A group's tally ("x": [ledger key, [[field, n], ...]]) is added with its state.
 # A group's marks are [key, "<partition>:<offset>"]: a replayed message finds
 # its own position there and is known as already applied, not as a duplicate.
@@ -150,6 +153,10 @@ for _, c in ipairs(clocks) do
     redis.call('HSET', KEYS[c[1]], 'newest', c[2], 'seen', string.format('%.6f', now))
   end
 end
+local touched = cjson.decode(ARGV[6])
+if #touched[2] > 0 then
+  redis.call('SADD', KEYS[touched[1]], unpack(touched[2]))
+end
 if ARGV[4] ~= '' then
   local o = cjson.decode(ARGV[4])
   redis.call('HSET', KEYS[o[1]], o[2], ARGV[o[3]])
@@ -180,6 +187,9 @@ def clock_key(partition: int) -> str:
 
 def outbox_key(partition: int) -> str:
     return f"jt:outbox:{partition}"
+
+
+PARTITIONS_KEY = "jt:partitions"
 
 
 def ledger_key(partition: int) -> str:
@@ -328,7 +338,7 @@ class RedisStore:
 
         def arg(payload: bytes) -> int:
             payloads.append(payload)
-            return 5 + len(payloads)  # ARGV[6] is the first payload
+            return 6 + len(payloads)  # ARGV[7] is the first payload
 
         keys: list[str] = []
         index: dict[str, int] = {}
@@ -373,6 +383,13 @@ class RedisStore:
                 item["x"] = [k(ledger_key(partition)), [[f, n] for f, n in tally.items() if n]]
             plan.append(item)
         clock_plan = [[k(clock_key(p)), repr(float(ts))] for p, ts in (clocks or {}).items()]
+        touched = set(clocks or ()) | {g.partition for g in guarded}
+        for commit in commits:
+            touched |= {w.home for w in commit.writes}
+            if commit.outbox is not None:
+                touched.add(commit.outbox[0])
+            if commit.tally is not None:
+                touched.add(commit.tally[0])
         own = b""
         if outbox is not None:
             partition, field_name, payload = outbox
@@ -394,6 +411,7 @@ class RedisStore:
                         for g in guarded
                     ]
                 ),
+                orjson.dumps([k(PARTITIONS_KEY), [str(p) for p in sorted(touched)]]),
                 *payloads,
             ],
         )
@@ -460,6 +478,14 @@ class RedisStore:
         return totals
 
     async def known_partitions(self, prefix: str = "jt:stage_customers:") -> list[int]:
+        """Every partition the state has keys for (its clock, counts, ledger, deadlines).
+
+        Read from the ``jt:partitions`` set; only state written before that set
+        existed makes this fall back to scanning for ``prefix`` keys.
+        """
+        members = await self.redis.smembers(PARTITIONS_KEY)
+        if members:
+            return sorted(int(m) for m in members)
         return [
             int(key.decode().rsplit(":", 1)[1])
             async for key in self.redis.scan_iter(match=f"{prefix}*", count=1000)

@@ -163,3 +163,19 @@ async def test_partition_clock_only_moves_forward(
         assert clock.now(clock.seen + 30) == pytest.approx(1030.0)
     finally:
         await store.close()
+
+
+async def test_partitions_are_registered_not_scanned_for(
+    redis_service: Service, redis_client: redis.Redis
+) -> None:
+    """Readers find partitions in jt:partitions: a SCAN would walk every duplicate mark."""
+    store = RedisStore(redis_service.url, dedupe_ttl_seconds=60)
+    try:
+        await store.commit([], clocks={3: 1.0, 11: 2.0})
+        assert redis_client.smembers("jt:partitions") == {b"3", b"11"}
+        redis_client.set("jt:clock:99", "stray")  # not registered: not found
+        assert await store.known_partitions("jt:clock:") == [3, 11]
+        redis_client.delete("jt:partitions")  # state from before the registry: scanned
+        assert sorted(await store.known_partitions("jt:clock:")) == [3, 11, 99]
+    finally:
+        await store.close()
