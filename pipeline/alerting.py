@@ -478,6 +478,17 @@ def _pipeline_alerts(w: RuleWindows) -> list[dict[str, Any]]:
             + "payloads.",
         ),
         _alert(
+            "JourneyDependencyDown",
+            f"min by ({by}, service) (journey_dependency_up) == 0",
+            w.pipeline_for,
+            crit,
+            "Worker {{ $labels.instance }} is waiting for {{ $labels.service }}",
+            "Calls from worker {{ $labels.instance }} to {{ $labels.service }} fail and are "
+            "being retried: it consumes nothing meanwhile (no event is dropped; they wait in "
+            "Kafka). Its /healthz names the service and since when; journey_sink_errors_total "
+            "counts the attempts. Customer alerts are held back while this fires.",
+        ),
+        _alert(
             "JourneyWorkerDown",
             f'up{{job="{WORKER_JOB}"}} == 0\nor\nabsent(up{{job="{WORKER_JOB}"}})',
             w.pipeline_for,

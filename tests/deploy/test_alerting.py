@@ -109,6 +109,7 @@ def test_every_alert_has_category_severity_and_annotations() -> None:
         "JourneyPipelineStalled",
         "JourneyEventLagHigh",
         "JourneyDeadLettersRising",
+        "JourneyDependencyDown",
         "JourneyWorkerDown",
     }
     for alert in alerts:
