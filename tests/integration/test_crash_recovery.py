@@ -30,7 +30,15 @@ from pipeline.journeys import default_journeys
 from pipeline.settings import Settings
 from pipeline.simulate import generate
 from pipeline.stages import ENTRY_KINDS
-from tests.integration.workers import WorkerProcess, broker, journey, total, wait_until
+from tests.integration.workers import (
+    WorkerProcess,
+    assert_profiles,
+    broker,
+    journey,
+    marks_and_owed,
+    total,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
 
@@ -92,8 +100,7 @@ def test_sigkilled_worker_ends_with_the_state_and_rows_of_a_clean_run(
         try:
             # The last run: every event applied (Redis marks), every owed row out.
             def caught_up() -> bool:
-                marks = sum(1 for _ in redis_client.scan_iter("jt:e:*", count=1000))
-                owed = sum(redis_client.hlen(k) for k in redis_client.scan_iter("jt:outbox:*"))
+                marks, owed = marks_and_owed(redis_client)
                 return marks == accepted and owed == 0
 
             wait_until(caught_up, timeout=240, what="the last run to finish the topic")
@@ -113,13 +120,7 @@ def test_sigkilled_worker_ends_with_the_state_and_rows_of_a_clean_run(
     assert kills == KILLS
 
     # Redis: exactly the reference's profiles and population.
-    for ref, slot in expected.slots.items():
-        stored = redis_client.hget(f"jt:{{{ref}}}:p", "d")
-        want = None if slot.profile is None else slot.profile.to_json()
-        assert (ref, None if stored is None else orjson.loads(stored)) == (
-            ref,
-            None if want is None else orjson.loads(want),
-        )
+    assert_profiles(redis_client, expected)
     counts: Counter[tuple[str, str]] = Counter()
     for key in redis_client.scan_iter("jt:stage_customers:*"):
         for field, value in redis_client.hgetall(key).items():

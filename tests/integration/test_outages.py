@@ -33,7 +33,14 @@ from pipeline.producer import produce_batches
 from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 from pipeline.simulate import generate, key_of
 from tests.integration.netcut import Forwarder
-from tests.integration.workers import WorkerProcess, broker, total, wait_until
+from tests.integration.workers import (
+    WorkerProcess,
+    assert_profiles,
+    broker,
+    marks_and_owed,
+    total,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 
@@ -128,8 +135,7 @@ def test_redis_restart_mid_stream_loses_nothing(kafka: Service, tmp_path: Path) 
         client = redis.Redis.from_url(store.url)
 
         def caught_up() -> bool:
-            marks = sum(1 for _ in client.scan_iter("jt:e:*", count=1000))
-            owed = sum(client.hlen(k) for k in client.scan_iter("jt:outbox:*"))
+            marks, owed = marks_and_owed(client)
             return marks == accepted and owed == 0 and health(settings.web_port)[0] == 200
 
         wait_until(caught_up, timeout=180, what="the worker to finish after Redis returned")
@@ -143,10 +149,7 @@ def test_redis_restart_mid_stream_loses_nothing(kafka: Service, tmp_path: Path) 
         client.close()
 
     try:
-        for ref, slot in expected.slots.items():
-            stored = client.hget(f"jt:{{{ref}}}:p", "d")
-            want = None if slot.profile is None else orjson.loads(slot.profile.to_json())
-            assert (ref, None if stored is None else orjson.loads(stored)) == (ref, want)
+        assert_profiles(client, expected)
     finally:
         client.close()
         store.stop()
@@ -210,8 +213,7 @@ def test_broker_cut_off_mid_stream_loses_nothing(
         produce(kafka.url, events[half:])
 
         def caught_up() -> bool:
-            marks = sum(1 for _ in redis_client.scan_iter("jt:e:*", count=1000))
-            owed = sum(redis_client.hlen(k) for k in redis_client.scan_iter("jt:outbox:*"))
+            marks, owed = marks_and_owed(redis_client)
             return marks == accepted and owed == 0
 
         wait_until(caught_up, timeout=240, what="the worker to finish after the broker returned")
@@ -219,10 +221,7 @@ def test_broker_cut_off_mid_stream_loses_nothing(
         samples = worker.metrics()
         assert total(samples, "journey_events_total", outcome="accepted") == accepted
         assert total(samples, "journey_events_total", outcome="duplicate") == expected.duplicates
-        for ref, slot in expected.slots.items():
-            stored = redis_client.hget(f"jt:{{{ref}}}:p", "d")
-            want = None if slot.profile is None else orjson.loads(slot.profile.to_json())
-            assert (ref, None if stored is None else orjson.loads(stored)) == (ref, want)
+        assert_profiles(redis_client, expected)
     finally:
         if worker is not None:
             worker.stop()

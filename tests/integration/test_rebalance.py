@@ -39,7 +39,14 @@ from pipeline.journeys import load_journeys
 from pipeline.producer import produce_batches
 from pipeline.settings import EVENTS_TOPIC, Settings
 from pipeline.simulate import generate, key_of
-from tests.integration.workers import WorkerProcess, broker, total, wait_until
+from tests.integration.workers import (
+    WorkerProcess,
+    assert_profiles,
+    broker,
+    marks_and_owed,
+    total,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
 
@@ -178,8 +185,7 @@ def test_join_and_leave_mid_stream_ends_exact(
         progress: dict[str, Any] = {}
 
         def caught_up() -> bool:
-            marks = sum(1 for _ in redis_client.scan_iter("jt:e:*", count=1000))
-            owed = sum(redis_client.hlen(k) for k in redis_client.scan_iter("jt:outbox:*"))
+            marks, owed = marks_and_owed(redis_client)
             gauges = Counter[tuple[str, str]]()
             for w in workers:
                 for (name, labels), value in w.metrics().items():
@@ -201,10 +207,7 @@ def test_join_and_leave_mid_stream_ends_exact(
         if sender is not None:
             sender.join(timeout=60)
 
-    for ref, slot in expected.slots.items():
-        stored = redis_client.hget(f"jt:{{{ref}}}:p", "d")
-        want = None if slot.profile is None else orjson.loads(slot.profile.to_json())
-        assert (ref, None if stored is None else orjson.loads(stored)) == (ref, want)
+    assert_profiles(redis_client, expected)
 
     rows = [clickhouse_rows(f"chdb://{tmp_path / f'chdb{i}'}") for i in range(3)]
     stored_events = [r[0] for worker in rows for r in worker["events"]]

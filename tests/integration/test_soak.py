@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
-import orjson
 import pytest
 import redis
 from aiokafka import AIOKafkaConsumer
@@ -38,7 +37,14 @@ from pipeline.embedded import Service, free_port
 from pipeline.events import Event, Validator
 from pipeline.journeys import default_journeys
 from pipeline.settings import EVENTS_TOPIC, Settings
-from tests.integration.workers import WorkerProcess, broker, total, wait_until
+from tests.integration.workers import (
+    WorkerProcess,
+    assert_profiles,
+    broker,
+    marks_and_owed,
+    total,
+    wait_until,
+)
 
 SECONDS = float(os.environ.get("JOURNEY_SOAK_SECONDS", "600"))
 RATE = float(os.environ.get("JOURNEY_SOAK_RATE", "100"))
@@ -127,7 +133,7 @@ def test_soak_with_scheduled_kills_ends_exact(
                 {
                     "t": round(now - started),
                     "processed": total(metrics, "journey_events_total"),
-                    "events_stored": sum(1 for _ in redis_client.scan_iter("jt:e:*", count=1000)),
+                    "events_stored": marks_and_owed(redis_client)[0],
                     "transitions": total(metrics, "journey_transitions_total"),
                     "worker_rss_mib": round(rss_mib(worker.process.pid), 1),
                     "run": run,
@@ -148,8 +154,7 @@ def test_soak_with_scheduled_kills_ends_exact(
         accepted = len(good) - expected.duplicates
 
         def caught_up() -> bool:
-            marks = sum(1 for _ in redis_client.scan_iter("jt:e:*", count=1000))
-            owed = sum(redis_client.hlen(k) for k in redis_client.scan_iter("jt:outbox:*"))
+            marks, owed = marks_and_owed(redis_client)
             return marks == accepted and owed == 0
 
         wait_until(caught_up, timeout=600, what="the last worker to finish the topic")
@@ -184,10 +189,7 @@ def test_soak_with_scheduled_kills_ends_exact(
     assert total(final, "journey_events_total", outcome="accepted") == accepted
     assert total(final, "journey_events_total", outcome="duplicate") == expected.duplicates
     assert total(final, "journey_transitions_total") == len(expected.outcome.transitions)
-    for ref, slot in expected.slots.items():
-        stored = redis_client.hget(f"jt:{{{ref}}}:p", "d")
-        want = None if slot.profile is None else orjson.loads(slot.profile.to_json())
-        assert (ref, None if stored is None else orjson.loads(stored)) == (ref, want)
+    assert_profiles(redis_client, expected)
     client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)
     try:
         assert client.query("SELECT count() FROM journey.events FINAL").result_rows == [(accepted,)]

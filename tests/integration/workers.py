@@ -13,10 +13,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import orjson
+import redis
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.embedded import Service, create_topics, start_kafka
+from pipeline.engine import Reference
 from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -130,3 +133,18 @@ def consume_all(url: str, topic: str, expected: int, timeout: float = 90) -> lis
         return values
 
     return asyncio.run(run())
+
+
+def marks_and_owed(client: redis.Redis) -> tuple[int, int]:
+    """Events applied (their duplicate marks) and outbox entries still owed, in Redis."""
+    marks = sum(1 for _ in client.scan_iter("jt:e:*", count=1000))
+    owed = sum(client.hlen(k) for k in client.scan_iter("jt:outbox:*"))
+    return marks, owed
+
+
+def assert_profiles(client: redis.Redis, expected: Reference) -> None:
+    """Redis holds exactly the reference's profiles (compared as data, not bytes)."""
+    for ref, slot in expected.slots.items():
+        stored = client.hget(f"jt:{{{ref}}}:p", "d")
+        want = None if slot.profile is None else orjson.loads(slot.profile.to_json())
+        assert (ref, None if stored is None else orjson.loads(stored)) == (ref, want)
