@@ -18,7 +18,7 @@ they describe this process's work, and a replay does not change a customer.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Final
 
 from pipeline.engine import Outcome
@@ -115,11 +115,3 @@ def outcome(result: Outcome) -> Counter[str]:
     for result_name, n in result.merge_results.items():
         tally[series("merges", result_name)] += n
     return tally
-
-
-def totals(ledgers: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    """Every partition's ledger summed field by field."""
-    out: Counter[str] = Counter()
-    for ledger in ledgers:
-        out.update(ledger)
-    return dict(out)
