@@ -17,6 +17,8 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline.envelope import DEFAULT_ENVELOPE_EVENTS
+from pipeline.events import MAX_ENVELOPE_EVENTS
 from pipeline.journeys import JourneyFileError, load_journeys
 from pipeline.settings import EVENTS_TOPIC, Settings, SettingsError, redact_url
 
@@ -69,14 +71,34 @@ def worker(loglevel: str) -> None:
     run_worker(settings, loglevel)
 
 
+_ENVELOPE_HELP = (
+    "Events per Kafka message, at most (an envelope: schemas/envelope.v1.json). The worker "
+    "pays its per-message cost once per envelope; 1 sends one event per message."
+)
+
+
+def _envelope_option(f: Any) -> Any:
+    return click.option(
+        "--envelope",
+        default=DEFAULT_ENVELOPE_EVENTS,
+        show_default=True,
+        type=click.IntRange(1, MAX_ENVELOPE_EVENTS),
+        help=_ENVELOPE_HELP,
+    )(f)
+
+
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--topic", default=EVENTS_TOPIC, show_default=True)
-def send(file: Path, topic: str) -> None:
+@_envelope_option
+def send(file: Path, topic: str, envelope: int) -> None:
     """Send events from a JSON Lines FILE to Kafka, keyed by customer.
 
     Lines are sent as they are; lines that do not parse are sent too (without
     a key) so that the worker rejects them visibly to journey.events.rejected.
+    Events are packed into envelopes per partition, each customer's in order;
+    a line that is not compact JSON goes alone, so its dead letter stays
+    byte for byte.
     """
     from pipeline.send import send_file
 
@@ -91,6 +113,7 @@ def send(file: Path, topic: str) -> None:
                 file,
                 on_sent=lambda n: progress.advance(task, n),
                 auth=settings.kafka_auth,
+                envelope=envelope,
             )
         )
     console.print(
@@ -185,6 +208,7 @@ def _progress() -> Progress:
     help="Multiply the time between one customer's events: 0.2 makes customers 5x quicker, "
     "for rehearsals with a journey file whose max_dwell is seconds.",
 )
+@_envelope_option
 def simulate(
     rate: float,
     duration: float | None,
@@ -192,6 +216,7 @@ def simulate(
     seed: int | None,
     fast: bool,
     time_scale: float,
+    envelope: int,
 ) -> None:
     """Produce realistic omnichannel traffic for the default journey to Kafka.
 
@@ -219,6 +244,7 @@ def simulate(
             realtime=not fast,
             time_scale=time_scale,
             auth=settings.kafka_auth,
+            envelope=envelope,
         )
     )
     console.print(f"simulated {sent} events to {EVENTS_TOPIC}")

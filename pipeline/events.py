@@ -36,9 +36,12 @@ from pipeline.identity import routing_key, usable_ids
 
 __all__ = [
     "DEFAULT_CHANNELS",
+    "MAX_ENVELOPE_BYTES",
+    "MAX_ENVELOPE_EVENTS",
     "MAX_EVENT_BYTES",
     "REJECTION_CODES",
     "SCHEMA_VERSION",
+    "Decoded",
     "Event",
     "PropertyValue",
     "Rejection",
@@ -48,8 +51,11 @@ __all__ = [
 
 DEFAULT_CHANNELS: tuple[str, ...] = ("web", "app", "store", "email", "call_center", "social")
 MAX_EVENT_BYTES = 64 * 1024
+# An envelope stays under Kafka's default message.max.bytes (1,048,588).
+MAX_ENVELOPE_BYTES = 1_000_000
 SCHEMA_VERSION: Final = 1
 SCHEMA_RESOURCE: Final = "data/event.v1.json"
+ENVELOPE_RESOURCE: Final = "data/envelope.v1.json"
 
 #: Bounded label set for metrics (``Rejection.code``).
 REJECTION_CODES: Final = frozenset(
@@ -62,6 +68,7 @@ REJECTION_CODES: Final = frozenset(
         "channel",
         "timestamp",
         "identity",
+        "envelope",
     }
 )
 
@@ -107,17 +114,21 @@ _JSON_TYPES: Final[dict[type, str]] = {
 }
 
 
-def load_schema() -> dict[str, Any]:
-    """Return a fresh copy of the packaged schema (callers may mutate it)."""
+def load_schema(resource: str = SCHEMA_RESOURCE) -> dict[str, Any]:
+    """Return a fresh copy of a packaged schema (callers may mutate it)."""
     try:
-        data = resources.files("pipeline").joinpath(SCHEMA_RESOURCE).read_bytes()
+        data = resources.files("pipeline").joinpath(resource).read_bytes()
     except OSError:
         # Python 3.11 + a setuptools editable install made while pipeline/ had no
         # __init__.py: `pipeline` imports as a namespace package whose path holds a
         # non-directory hook entry, and importlib.resources raises NotADirectoryError.
-        data = (Path(__file__).parent / SCHEMA_RESOURCE).read_bytes()
+        data = (Path(__file__).parent / resource).read_bytes()
     schema: dict[str, Any] = orjson.loads(data)
     return schema
+
+
+_ENVELOPE_SCHEMA: Final = load_schema(ENVELOPE_RESOURCE)
+MAX_ENVELOPE_EVENTS: Final[int] = _ENVELOPE_SCHEMA["properties"]["events"]["maxItems"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +178,11 @@ class Rejection:
     reason: str
     code: str
     raw: bytes
+
+
+#: One event of a Kafka message: its index in the envelope (None for a message
+#: holding a single event) and the event or why it was refused.
+Decoded = tuple[int | None, Event | Rejection]
 
 
 def _short(value: object, limit: int = 80) -> str:
@@ -264,6 +280,23 @@ def _describe(error: ValidationError, schema: Mapping[str, Any]) -> str:
     return f"{where}: {error.message}"
 
 
+def _parse(raw: bytes) -> object:
+    """JSON → Python, or the Rejection saying why the bytes are not JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        # orjson validates UTF-8 itself; decode only on this slow path to classify.
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            return Rejection(f"not valid UTF-8: byte {uexc.start}: {uexc.reason}", "not_utf8", raw)
+        return Rejection(_clip(f"not valid JSON: {exc}"), "not_json", raw)
+
+
+def _too_large(raw: bytes, limit: int = MAX_EVENT_BYTES) -> Rejection:
+    return Rejection(f"payload is {len(raw)} bytes, over the {limit}-byte limit", "too_large", raw)
+
+
 def _clip(reason: str) -> str:
     return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
 
@@ -275,7 +308,7 @@ class Validator:
     ``decode`` never raises: every failure is a :class:`Rejection`.
     """
 
-    __slots__ = ("_channel_list", "_channels", "_fast", "_schema", "_validator")
+    __slots__ = ("_channel_list", "_channels", "_envelope", "_fast", "_schema", "_validator")
 
     def __init__(self, channels: Collection[str] = DEFAULT_CHANNELS, *, fast: bool = True) -> None:
         """``fast=False`` leaves jsonschema alone to decide: the reference the tests compare to."""
@@ -283,6 +316,7 @@ class Validator:
         _StrictValidator.check_schema(self._schema)
         self._validator: Any = _StrictValidator(self._schema)
         self._fast = _compile_fast_check(self._schema) if fast else None
+        self._envelope: Any = _StrictValidator(_ENVELOPE_SCHEMA)
         self._channels = frozenset(channels)
         self._channel_list = ", ".join(dict.fromkeys(channels))  # keep configured order
 
@@ -292,27 +326,83 @@ class Validator:
         return self._channels
 
     def decode(self, raw: bytes, now: float | None = None) -> Event | Rejection:
-        """Bytes from Kafka → Event, or Rejection with a readable reason."""
+        """Bytes of one event → Event, or Rejection with a readable reason."""
         if not isinstance(raw, bytes):
             # Kafka tombstones arrive as None; bytearray/memoryview from other clients.
             raw = b"" if raw is None else bytes(raw)
         size = len(raw)
         if size > MAX_EVENT_BYTES:
-            return Rejection(
-                f"payload is {size} bytes, over the {MAX_EVENT_BYTES}-byte limit", "too_large", raw
-            )
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            # orjson validates UTF-8 itself; decode only on this slow path to classify.
+            return _too_large(raw)
+        parsed = _parse(raw)
+        if isinstance(parsed, Rejection):
+            return parsed
+        return self._guarded(parsed, raw, now)
+
+    def decode_message(self, raw: bytes, now: float | None = None) -> list[Decoded]:
+        """A Kafka message → its events: one plain event, or every event of an envelope.
+
+        A message that is not JSON, or an envelope that breaks envelope.v1.json, is
+        refused whole (index None). Inside a valid envelope each event is judged on
+        its own, with the same rules and reasons as a plain one; its raw bytes for
+        the dead-letter path are the event re-serialised, as sent but for spacing.
+        """
+        if not isinstance(raw, bytes):
+            raw = b"" if raw is None else bytes(raw)
+        size = len(raw)
+        if size > MAX_ENVELOPE_BYTES:
+            return [(None, _too_large(raw, MAX_ENVELOPE_BYTES))]
+        parsed = _parse(raw)
+        if isinstance(parsed, Rejection):
+            return [(None, parsed)]
+        if not (isinstance(parsed, dict) and "envelope" in parsed):
+            if size > MAX_EVENT_BYTES:
+                return [(None, _too_large(raw))]
+            return [(None, self._guarded(parsed, raw, now))]
+        items = parsed.get("events")
+        version = parsed.get("envelope")
+        if not (
+            version == 1
+            and type(version) is not bool  # true == 1 in Python, not in JSON Schema
+            and len(parsed) == 2
+            and type(items) is list
+            and 1 <= len(items) <= MAX_ENVELOPE_EVENTS
+        ):
+            return [(None, self._bad_envelope(parsed, raw))]
+        at = time.time() if now is None else now
+        decoded: list[Decoded] = []
+        for index, item in enumerate(items):
             try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as uexc:
-                return Rejection(
-                    f"not valid UTF-8: byte {uexc.start}: {uexc.reason}", "not_utf8", raw
-                )
-            return Rejection(_clip(f"not valid JSON: {exc}"), "not_json", raw)
-        return self._guarded(obj, raw, now)
+                item_raw = orjson.dumps(item)
+            except TypeError:  # orjson reads 1024 levels deep but writes only 254
+                reason = f"events[{index}]: nested too deep to carry alone; raw is the envelope"
+                decoded.append((index, Rejection(reason, "schema", raw)))
+                continue
+            if len(item_raw) > MAX_EVENT_BYTES:
+                decoded.append((index, _too_large(item_raw)))
+            else:
+                decoded.append((index, self._guarded(item, item_raw, at)))
+        return decoded
+
+    def _bad_envelope(self, obj: dict[str, Any], raw: bytes) -> Rejection:
+        error = best_match(self._envelope.iter_errors(obj))
+        if error is None:  # pragma: no cover - the hand check and the schema agree (tested)
+            return Rejection("envelope: not a valid envelope v1", "envelope", raw)
+        where = ".".join(_name(part) for part in error.absolute_path) or "envelope"
+        if error.validator == "const":
+            reason = f"envelope: version must be 1, got {_short(error.instance)}"
+        elif error.validator == "additionalProperties":
+            extra = next((k for k in obj if k not in ("envelope", "events")), "?")
+            reason = f"envelope: {_short(extra)} is not an allowed field (envelope, events)"
+        elif error.validator in ("minItems", "maxItems"):
+            count = len(obj["events"])
+            reason = f"envelope: {count} events, it must hold 1 to {MAX_ENVELOPE_EVENTS}"
+        elif error.validator == "required":
+            reason = "envelope: events is required"
+        elif error.validator == "type":
+            reason = f"envelope {where}: expected an array, got {_json_type(error.instance)}"
+        else:
+            reason = f"envelope {where}: {error.message}"
+        return Rejection(_clip(reason), "envelope", raw)
 
     def validate_dict(self, obj: object, now: float | None = None) -> Event | Rejection:
         """Validate an already-parsed object (e.g. from tests or a JSON API)."""

@@ -65,6 +65,9 @@ CLOCK_SKEW_SECONDS = 5.0
 # An outbox entry older than this whose batch is not in flight here was left by
 # a worker that died (or lost the partition) before its rows and messages were out.
 RECOVER_AFTER_SECONDS = 5.0
+# A dead letter bigger than this carries the start of its payload only: a message
+# near Kafka's size limit grows when quoted into JSON and could not be published.
+DEAD_LETTER_MAX_BYTES = 512 * 1024
 # Redis failures worth waiting for (down, restarting, loading its data). A script
 # or type error is a bug: retrying it would replay a half-applied script forever.
 TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
@@ -97,10 +100,31 @@ class _Pending:
     partition: int
     offset: int
     received_at: float | None
+    item: int | None = None  # index in the message's envelope; None for a plain message
 
     @property
     def position(self) -> str:
-        return f"{self.partition}:{self.offset}"
+        """Where the event sits in Kafka: its idempotency mark holds this."""
+        return position(self.partition, self.offset, self.item)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One decoded event of a message, before it is sorted into applied or refused."""
+
+    message: RawMessage
+    index: int | None
+    decoded: Event | Rejection
+
+    @property
+    def rejection(self) -> Rejection:
+        assert isinstance(self.decoded, Rejection)
+        return self.decoded
+
+
+def position(partition: int, offset: int, item: int | None = None) -> str:
+    """``partition:offset`` of a plain message, ``partition:offset:index`` inside an envelope."""
+    return f"{partition}:{offset}" if item is None else f"{partition}:{offset}:{item}"
 
 
 # (topic, key, value) for Kafka
@@ -179,8 +203,11 @@ class BatchProcessor:
         allowed_lateness_seconds: float = 60.0,
         publish: Publisher = _publish_nowhere,
         health: Health | None = None,
+        max_events: int = 1000,
     ) -> None:
         self.publish = publish
+        # Events per Redis script call and ClickHouse insert (JOURNEY_BATCH_SIZE).
+        self.max_events = max_events
         self.health = health or Health()
         # Outbox entries of batches this process is still writing out.
         self._in_flight: set[str] = set()
@@ -198,43 +225,77 @@ class BatchProcessor:
         self._warned: OrderedDict[str, None] = OrderedDict()
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
+        """Apply a batch of messages, in chunks of at most ``max_events`` events.
+
+        A message may be an envelope of many events: chunking keeps one Redis
+        script call and one ClickHouse insert to a bounded size whatever the
+        messages hold. A chunk is fully applied before the next is decoded, and
+        the caller commits offsets only after the last one.
+        """
+        result = BatchResult()
+        chunk: list[_Item] = []
         started = time.monotonic()
         now = time.time()
-        result = BatchResult()
+        for message in messages:
+            for index, decoded in self.validator.decode_message(message.value, now=now):
+                chunk.append(_Item(message, index, decoded))
+            if len(chunk) >= self.max_events:
+                await self._process_chunk(chunk, result, started, now)
+                chunk = []
+                started = time.monotonic()
+                now = time.time()
+        if chunk:
+            await self._process_chunk(chunk, result, started, now)
+        return result
+
+    async def _process_chunk(
+        self, items: list[_Item], result: BatchResult, started: float, now: float
+    ) -> None:
+        rejected: list[_Item] = []
         pending: list[_Pending] = []
         in_batch: set[str] = set()
         repeated: list[_Pending] = []
-        for message in messages:
-            decoded = self.validator.decode(message.value, now=now)
+        for item in items:
+            decoded, message = item.decoded, item.message
             if isinstance(decoded, Rejection):
-                result.rejected.append((message, decoded))
-            elif decoded.event_id in in_batch:
+                rejected.append(item)
+                continue
+            entry = _Pending(
+                decoded, message.partition, message.offset, message.timestamp, item.index
+            )
+            if decoded.event_id in in_batch:
                 # A repeat within the batch, whichever customer it names, is a
                 # duplicate of the first in arrival order, as in a replay.
-                repeated.append(
-                    _Pending(decoded, message.partition, message.offset, message.timestamp)
-                )
+                repeated.append(entry)
             else:
                 in_batch.add(decoded.event_id)
-                pending.append(
-                    _Pending(decoded, message.partition, message.offset, message.timestamp)
-                )
+                pending.append(entry)
         decoded_at = time.monotonic()
 
         rejected_rows = [
-            rejected_row(r, m.topic, m.partition, m.offset, now) for m, r in result.rejected
+            rejected_row(
+                i.rejection, i.message.topic, i.message.partition, i.message.offset, now, i.index
+            )
+            for i in rejected
         ]
-        dead = [(REJECTED_TOPIC, None, rejected_message(m, r, now)) for m, r in result.rejected]
+        dead = [
+            (REJECTED_TOPIC, None, rejected_message(i.message, i.rejection, now, i.index))
+            for i in rejected
+        ]
         own: tuple[int, str, bytes] | None = None
-        if result.rejected:
+        if rejected:
             token = uuid.uuid4().hex
             payload = _payload(now, {"rejected": rejected_rows}, dead)
-            own = (result.rejected[0][0].partition, token, payload)
+            own = (rejected[0].message.partition, token, payload)
         guarded = [
-            Guarded(m.partition, m.offset, ledger.rejected(r.code)) for m, r in result.rejected
+            Guarded(
+                i.message.partition, i.message.offset, ledger.rejected(i.rejection.code), i.index
+            )
+            for i in rejected
         ]
         guarded += [
-            Guarded(p.partition, p.offset, ledger.duplicate(p.event.channel)) for p in repeated
+            Guarded(p.partition, p.offset, ledger.duplicate(p.event.channel), p.item)
+            for p in repeated
         ]
         outcome, applied, duplicates, tokens = await self._apply_to_state(
             pending, now, own, guarded
@@ -249,19 +310,19 @@ class BatchProcessor:
         await self._publish([*_transition_messages(outcome.transitions), *dead])
         await self._done(tokens)
 
-        result.transitions = outcome.transitions
-        result.accepted = len(applied)
-        result.duplicates = len(repeated) + len(duplicates)
+        result.transitions.extend(outcome.transitions)
+        result.accepted += len(applied)
+        result.duplicates += len(repeated) + len(duplicates)
+        result.rejected.extend((i.message, i.rejection) for i in rejected)
         self._observe_events(applied)
         self.observe_outcome(outcome)
         m = self.metrics
-        m.batch_size.observe(len(messages))
+        m.batch_size.observe(len(items))
         m.batch_seconds.labels("decode").observe(decoded_at - started)
         m.batch_seconds.labels("redis").observe(stored_at - decoded_at)
         m.batch_seconds.labels("clickhouse").observe(flushed_at - stored_at)
         m.batch_seconds.labels("total").observe(time.monotonic() - started)
         m.last_batch.set(time.time())
-        return result
 
     async def _apply_to_state(
         self,
@@ -295,7 +356,7 @@ class BatchProcessor:
                 if p.event.event_id in seen and seen[p.event.event_id] != p.position:
                     duplicates.append(p.event)
                     guarded.append(
-                        Guarded(p.partition, p.offset, ledger.duplicate(p.event.channel))
+                        Guarded(p.partition, p.offset, ledger.duplicate(p.event.channel), p.item)
                     )
             links = {
                 ref.id: lo.slot.linked_to
@@ -604,16 +665,30 @@ def transition_message(t: Transition) -> bytes:
     return orjson.dumps(t.to_dict())
 
 
-def rejected_message(message: RawMessage, rejection: Rejection, received_at: float) -> bytes:
-    """The dead-letter record: the raw payload (as text) with where it came from and why."""
-    return orjson.dumps(
-        {
-            "reason": rejection.reason,
-            "code": rejection.code,
-            "topic": message.topic,
-            "partition": message.partition,
-            "offset": message.offset,
-            "received_at": received_at,
-            "raw": rejection.raw.decode("utf-8", errors="backslashreplace"),
-        }
-    )
+def rejected_message(
+    message: RawMessage, rejection: Rejection, received_at: float, item: int | None = None
+) -> bytes:
+    """The dead-letter record: the raw payload (as text) with where it came from and why.
+
+    ``item`` is the event's index in its envelope; absent for a plain message.
+    """
+    record: dict[str, Any] = {
+        "reason": rejection.reason,
+        "code": rejection.code,
+        "topic": message.topic,
+        "partition": message.partition,
+        "offset": message.offset,
+        "received_at": received_at,
+        "raw": rejection.raw.decode("utf-8", errors="backslashreplace"),
+    }
+    if item is not None:
+        record["item"] = item
+    out = orjson.dumps(record)
+    if len(out) > DEAD_LETTER_MAX_BYTES:
+        # Under the producer's 1 MB request limit even if every character is escaped
+        # (6 bytes each); the whole payload is in ClickHouse rejected_events.
+        record["raw"] = record["raw"][: DEAD_LETTER_MAX_BYTES // 8]
+        record["raw_truncated"] = True
+        record["raw_bytes"] = len(rejection.raw)
+        out = orjson.dumps(record)
+    return out

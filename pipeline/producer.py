@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
@@ -24,6 +25,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from pipeline.envelope import Outgoing, Packer
 from pipeline.settings import KafkaAuth
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,47 @@ async def start_producer(kafka_url: str, linger_ms: int, auth: KafkaAuth | None 
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+async def _ticking(
+    records: AsyncIterable[Record] | Iterable[Record], every: float
+) -> AsyncIterator[Record | None]:
+    """The records, with a None whenever ``every`` seconds pass without one.
+
+    An async source (a rate-limited simulation) can go quiet while envelopes wait
+    for more events; the ticks let the caller send them on time. The source runs
+    in its own task behind a small queue, so a tick never cancels the source.
+    """
+    if not isinstance(records, AsyncIterable):
+        async for record in _aiter(records):
+            yield record
+        return
+    queue: asyncio.Queue[Record | BaseException | None] = asyncio.Queue(maxsize=1000)
+
+    async def pump() -> None:
+        try:
+            async for record in records:
+                await queue.put(record)
+        except BaseException as exc:  # handed to the reader, which raises it
+            await queue.put(exc)
+            return
+        await queue.put(None)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), every)
+            except TimeoutError:
+                yield None
+                continue
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        task.cancel()
+
+
 async def produce_batches(
     kafka_url: str,
     topic: str,
@@ -128,6 +171,7 @@ async def produce_batches(
     linger_ms: int = 20,
     max_in_flight: int = 10000,
     auth: KafkaAuth | None = None,
+    envelope: int = 1,
 ) -> int:
     """Send every (key, value) record to `topic`; return how many the broker acknowledged.
 
@@ -135,12 +179,17 @@ async def produce_batches(
     endless simulation runs in constant memory. `on_sent(n)` is called with the
     number of records *newly* acknowledged (an increment, as for a progress bar).
     A delivery failure raises: losing input silently is worse than stopping.
+
+    ``envelope`` > 1 packs up to that many records per message
+    (:mod:`pipeline.envelope` says which and how); counts stay in records.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
     producer = await start_producer(kafka_url, linger_ms, auth)
-    pending: deque[asyncio.Future[Any]] = deque()
+    pending: deque[tuple[asyncio.Future[Any], int]] = deque()
+    in_flight = 0
     sent = 0
+    linger = max(linger_ms, 1) / 1000
 
     def acked(n: int) -> None:
         nonlocal sent
@@ -151,27 +200,50 @@ async def produce_batches(
 
     def reap_done() -> int:
         """Pop already-acknowledged futures from the front, so progress is timely."""
+        nonlocal in_flight
         n = 0
-        while pending and pending[0].done():
-            pending.popleft().result()  # raises the delivery error, if any
-            n += 1
+        while pending and pending[0][0].done():
+            future, count = pending.popleft()
+            future.result()  # raises the delivery error, if any
+            n += count
+        in_flight -= n
         return n
 
     async def drain_to(limit: int) -> int:
         """Wait for the oldest records until at most `limit` remain unacknowledged."""
+        nonlocal in_flight
         n = 0
-        while len(pending) > limit:
-            await pending.popleft()
-            n += 1
+        while in_flight - n > limit:
+            future, count = pending.popleft()
+            await future
+            n += count
+        in_flight -= n
         return n
 
+    async def send(out: Iterable[Outgoing]) -> None:
+        nonlocal in_flight
+        for o in out:
+            future = await producer.send(topic, o.value, key=o.key, partition=o.partition)
+            pending.append((future, o.events))
+            in_flight += o.events
+        if in_flight >= max_in_flight:
+            # Bounded memory: wait for the oldest half before taking more input.
+            acked(await drain_to(max_in_flight // 2))
+        acked(reap_done())
+
     try:
-        async for key, value in _aiter(records):
-            pending.append(await producer.send(topic, value, key=key))
-            if len(pending) >= max_in_flight:
-                # Bounded memory: wait for the oldest half before taking more input.
-                acked(await drain_to(max_in_flight // 2))
-            acked(reap_done())
+        if envelope > 1:
+            partitions = await producer.partitions_for(topic)
+            packer = Packer(len(partitions), envelope)
+            async for record in _ticking(records, linger):
+                now = time.monotonic()
+                if record is not None:
+                    await send(packer.add(record[0], record[1], now))
+                await send(packer.due(now, linger))
+            await send(packer.flush())
+        else:
+            async for key, value in _aiter(records):
+                await send([Outgoing(None, key, value, 1)])
         await producer.flush()
         acked(await drain_to(0))
     finally:

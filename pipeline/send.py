@@ -2,6 +2,8 @@
 
 Lines go out byte for byte: validating is the worker's job, and a line that
 does not parse must reach the dead-letter path visibly rather than vanish here.
+Many lines may share a message (an envelope, pipeline/envelope.py); a line
+that could not be judged the same inside one goes alone.
 """
 
 from __future__ import annotations
@@ -66,8 +68,12 @@ async def send_file(
     path: str | Path,
     on_sent: Callable[[int], None] | None = None,
     auth: KafkaAuth | None = None,
+    envelope: int = 1,
 ) -> SendSummary:
-    """Send every non-blank line of a JSON Lines file; `on_sent(n)` gets acknowledged increments."""
+    """Send every non-blank line of a JSON Lines file; `on_sent(n)` gets acknowledged increments.
+
+    ``envelope`` > 1 packs lines into envelopes (:mod:`pipeline.envelope`).
+    """
     summary = SendSummary()
 
     def records() -> Iterator[tuple[bytes | None, bytes]]:
@@ -78,5 +84,7 @@ async def send_file(
                 summary.unparseable += 1
             yield key, raw
 
-    summary.sent = await produce_batches(kafka_url, topic, records(), on_sent=on_sent, auth=auth)
+    summary.sent = await produce_batches(
+        kafka_url, topic, records(), on_sent=on_sent, auth=auth, envelope=envelope
+    )
     return summary

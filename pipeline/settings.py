@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.events import DEFAULT_CHANNELS
+from pipeline.events import DEFAULT_CHANNELS, MAX_ENVELOPE_EVENTS
 
 EVENTS_TOPIC = "journey.events"
 REJECTED_TOPIC = "journey.events.rejected"
@@ -181,11 +181,21 @@ class Settings:
     # (the decompressed limit is what stops a gzip bomb).
     collector_max_body_bytes: int = 1024 * 1024
     collector_max_events: int = 500
+    # Accepted events of one request are packed up to this many per Kafka message
+    # (an envelope, pipeline/envelope.py); 1 sends one event per message.
+    collector_envelope: int = 100
     # Per source system: events per second, and the burst a bucket holds.
     collector_rate: float = 1000.0
     collector_burst: int = 5000
     # How long a request waits for Kafka to acknowledge before answering 503.
     collector_ack_timeout_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.collector_envelope <= MAX_ENVELOPE_EVENTS:
+            raise SettingsError(
+                f"JOURNEY_COLLECTOR_ENVELOPE={self.collector_envelope}: use 1 to "
+                f"{MAX_ENVELOPE_EVENTS} (events per Kafka message)"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -234,6 +244,7 @@ class Settings:
             collector_max_events=_int(
                 env, "JOURNEY_COLLECTOR_MAX_EVENTS", cls.collector_max_events
             ),
+            collector_envelope=_int(env, "JOURNEY_COLLECTOR_ENVELOPE", cls.collector_envelope),
             collector_rate=_float(env, "JOURNEY_COLLECTOR_RATE", cls.collector_rate),
             collector_burst=_int(env, "JOURNEY_COLLECTOR_BURST", cls.collector_burst),
             collector_ack_timeout_seconds=_float(
@@ -267,6 +278,7 @@ class Settings:
             "JOURNEY_COLLECTOR_CORS_ORIGINS": ",".join(self.collector_cors_origins),
             "JOURNEY_COLLECTOR_MAX_BODY_BYTES": str(self.collector_max_body_bytes),
             "JOURNEY_COLLECTOR_MAX_EVENTS": str(self.collector_max_events),
+            "JOURNEY_COLLECTOR_ENVELOPE": str(self.collector_envelope),
             "JOURNEY_COLLECTOR_RATE": str(self.collector_rate),
             "JOURNEY_COLLECTOR_BURST": str(self.collector_burst),
             "JOURNEY_COLLECTOR_ACK_TIMEOUT_SECONDS": str(self.collector_ack_timeout_seconds),

@@ -504,6 +504,7 @@ async def run_simulation(
     on_sent: Callable[[int], None] | None = None,
     time_scale: float = 1.0,
     auth: KafkaAuth | None = None,
+    envelope: int = 1,
 ) -> int:
     """Produce simulated events to Kafka, keyed by customer; return how many were sent.
 
@@ -511,7 +512,8 @@ async def run_simulation(
     wall clock reaches its event time (live traffic). Otherwise events go as
     fast as the broker takes them and event time covers the `duration` that
     ends now, so a fast run is history, never events from the future (which
-    the validator rejects).
+    the validator rejects). ``envelope``: events per message, at most
+    (:func:`pipeline.producer.produce_batches`).
     """
     if not realtime and duration is None:
         raise ValueError("a run that is not paced to the clock needs a duration")
@@ -529,4 +531,6 @@ async def run_simulation(
                     await asyncio.sleep(delay)
             yield key_of(event).encode(), orjson.dumps(event)
 
-    return await produce_batches(kafka_url, topic, records(), on_sent=on_sent, auth=auth)
+    return await produce_batches(
+        kafka_url, topic, records(), on_sent=on_sent, auth=auth, envelope=envelope
+    )

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from pipeline import engine
 from pipeline.events import (
     DEFAULT_CHANNELS,
+    MAX_ENVELOPE_BYTES,
+    MAX_ENVELOPE_EVENTS,
     MAX_EVENT_BYTES,
     REJECTION_CODES,
     Event,
@@ -553,6 +555,30 @@ def catalogue(now: float) -> list[Case]:
         event("h-tz", occurred_at=iso(now - 60).replace("+00:00", "z").replace("T", "t")),
     )
     ok("nine fraction digits", event("h-ns", occurred_at="2024-05-01T10:00:00.123456789+14:00"))
+
+    # Envelopes (schemas/envelope.v1.json) that break the envelope contract are refused
+    # whole; their events are not looked at. Valid envelopes are tests/test_envelopes.py's.
+    inner = [event("h-env-inner")]
+    bad("envelope version 2", {"envelope": 2, "events": inner}, "envelope", "version must be 1")
+    bad("envelope version as text", {"envelope": "1", "events": inner}, "envelope", "version")
+    bad("envelope events missing", {"envelope": 1}, "envelope", "events is required")
+    bad(
+        "envelope events an object", {"envelope": 1, "events": {"0": inner[0]}}, "envelope", "array"
+    )
+    bad("envelope events null", {"envelope": 1, "events": None}, "envelope", "got null")
+    bad("envelope empty", {"envelope": 1, "events": []}, "envelope", "0 events")
+    many = [event(f"h-env-{i}") for i in range(MAX_ENVELOPE_EVENTS + 1)]
+    bad("envelope over the event limit", {"envelope": 1, "events": many}, "envelope", "1001 events")
+    bad(
+        "envelope with an extra field",
+        {"envelope": 1, "events": inner, "customer_id": SQL_DROP},
+        "envelope",
+        "not an allowed field",
+    )
+    # Just over the envelope limit, yet under a producer's 1 MiB request limit: it can be sent.
+    huge = {"envelope": 1, "events": [event("h-env-big", properties={"pad": "p" * 59_000})] * 17}
+    bad("envelope over 1 MB", huge, "too_large", f"{MAX_ENVELOPE_BYTES}-byte limit")
+    bad("envelope cut short", b'{"envelope": 1, "events": [{"event_id": "h-cut"', "not_json", "")
     return cases
 
 
@@ -583,9 +609,16 @@ def _assert_plain(reason: str) -> None:
     assert "internal" not in reason, reason
 
 
+def verdict(validator: Validator, raw: bytes, now: float = NOW) -> Event | Rejection:
+    """What the worker makes of one catalogue message: each holds one verdict."""
+    [(index, result)] = validator.decode_message(raw, now=now)
+    assert index is None
+    return result
+
+
 @pytest.mark.parametrize("case", REJECTED, ids=[c.name for c in REJECTED])
 def test_rejected_with_the_precise_code(validator: Validator, case: Case) -> None:
-    result = validator.decode(case.raw, now=NOW)
+    result = verdict(validator, case.raw)
     assert isinstance(result, Rejection), result
     assert (result.code, case.needle in result.reason) == (case.code, True), result.reason
     assert result.raw == case.raw
@@ -594,7 +627,7 @@ def test_rejected_with_the_precise_code(validator: Validator, case: Case) -> Non
 
 @pytest.mark.parametrize("case", ACCEPTED, ids=[c.name for c in ACCEPTED])
 def test_accepted_and_carried_verbatim(validator: Validator, case: Case) -> None:
-    result = validator.decode(case.raw, now=NOW)
+    result = verdict(validator, case.raw)
     assert isinstance(result, Event), result
     for name, value in case.expect.items():
         assert getattr(result, name) == value, name
@@ -606,7 +639,7 @@ def test_whole_catalogue_is_cheap(validator: Validator) -> None:
     """No payload under the size limit makes the validator slow (a flood of them must not)."""
     started = time.perf_counter()
     for case in CASES:
-        validator.decode(case.raw, now=NOW)
+        validator.decode_message(case.raw, now=NOW)
     assert time.perf_counter() - started < 2.0
 
 

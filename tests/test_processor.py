@@ -19,10 +19,10 @@ import redis
 
 from pipeline import engine, ledger
 from pipeline.embedded import Service
-from pipeline.events import Event, Validator
+from pipeline.events import Event, Rejection, Validator
 from pipeline.journeys import parse_journeys
 from pipeline.metrics import Metrics
-from pipeline.processor import BatchProcessor, RawMessage
+from pipeline.processor import DEAD_LETTER_MAX_BYTES, BatchProcessor, RawMessage, rejected_message
 from pipeline.sinks.clickhouse import ClickHouseSink
 from pipeline.state.redis_store import RedisStore
 
@@ -370,3 +370,75 @@ async def test_a_batch_cut_off_after_its_commit_is_written_out_by_the_next_owner
     finally:
         await heir.store.close()
         await sink.close()
+
+
+def envelope(*events: bytes) -> bytes:
+    return b'{"envelope":1,"events":[' + b",".join(events) + b"]}"
+
+
+async def test_an_envelope_counts_each_event_once_even_split_across_chunks(
+    redis_service: Service, redis_client: redis.Redis, chdb_path: Path
+) -> None:
+    """Its events are judged one by one; replayed whole or cut into chunks, each counts once."""
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    p = processor(redis_service.url, sink)
+    p.max_events = 2  # the envelope below spans three chunks
+    first = messages([event("e1", "page_view", 0, customer="c1")])
+    batch = [
+        RawMessage(
+            "journey.events",
+            0,
+            20,
+            envelope(
+                event("e2", "add_to_cart", 1, customer="c1"),
+                event("e2", "add_to_cart", 1, customer="c1"),
+                event("e1", "page_view", 0, customer="c1"),
+                b"123",
+                event("e3", "page_view", 2, customer="c3", channel="fax"),
+                event("e4", "page_view", 3, customer="c4"),
+            ),
+        ),
+        RawMessage("journey.events", 0, 21, b'{"envelope":1,"events":[]}'),
+    ]
+    try:
+        await p.process(first)
+        result = await p.process(batch)
+        assert (result.accepted, result.duplicates, len(result.rejected)) == (2, 2, 3)
+        once = await p.store.ledger()
+        again = await p.process(batch)  # a replay from the last committed offset
+        assert again.accepted == 0
+        assert await p.store.ledger() == once
+        want = {
+            ledger.series("events", "web", "accepted"): 3,
+            ledger.series("events", "web", "duplicate"): 2,
+            ledger.series("events", "unknown", "rejected"): 3,
+            ledger.series("rejected", "not_object"): 1,
+            ledger.series("rejected", "channel"): 1,
+            ledger.series("rejected", "envelope"): 1,
+        }
+        assert {k: v for k, v in once.items() if k in want} == want
+        # Marks name the event's place: partition, offset and index in the envelope.
+        assert redis_client.get("jt:e:e2") == b"0:20:0"
+        assert redis_client.get("jt:e:e4") == b"0:20:5"
+        rows = await sink.query(
+            "SELECT offset, item, code FROM journey.rejected_events FINAL ORDER BY offset, item"
+        )
+        assert rows == [(20, 3, "not_object"), (20, 4, "channel"), (21, 0, "envelope")]
+    finally:
+        await p.store.close()
+        await sink.close()
+
+
+@pytest.mark.parametrize("fill", [b"x", b"\x01", "é".encode()])
+def test_a_dead_letter_always_fits_a_kafka_message(fill: bytes) -> None:
+    """A payload near Kafka's limit grows when quoted; its dead letter keeps the start."""
+    raw = fill * (1_000_000 // len(fill))
+    message = RawMessage("journey.events", 1, 7, raw)
+    out = rejected_message(message, Rejection("too big", "too_large", raw), T0, item=3)
+    assert len(out) <= DEAD_LETTER_MAX_BYTES
+    doc = orjson.loads(out)
+    assert (doc["raw_truncated"], doc["raw_bytes"], doc["item"]) == (True, len(raw), 3)
+    assert raw.decode().startswith(doc["raw"])
+    small = rejected_message(message, Rejection("bad", "not_json", b"{"), T0)
+    assert "raw_truncated" not in orjson.loads(small) and "item" not in orjson.loads(small)

@@ -35,6 +35,7 @@ from prometheus_client import (
 from pipeline.collector.body import BodyError, Item, decompress, split_events, too_large
 from pipeline.collector.keys import ApiKeys
 from pipeline.collector.ratelimit import RateLimiter
+from pipeline.envelope import Outgoing, Packer
 from pipeline.events import Event, Rejection, Validator
 from pipeline.producer import bootstrap_servers, start_producer
 from pipeline.settings import EVENTS_TOPIC, Settings
@@ -326,10 +327,18 @@ class Collector:
         return raw, self.validator.decode(raw, now)
 
     async def _produce(self, checked: list[tuple[bytes, Event | Rejection]]) -> None:
-        pending = []
+        """Accepted events packed into envelopes per partition; rejected ones alone, unkeyed."""
+        partitions = await self.producer.partitions_for(EVENTS_TOPIC)
+        packer = Packer(len(partitions), self.settings.collector_envelope)
+        out: list[Outgoing] = []
         for raw, verdict in checked:
             key = verdict.key.encode() if isinstance(verdict, Event) else None
-            pending.append(await self.producer.send(EVENTS_TOPIC, raw, key=key))
+            out.extend(packer.add(key, raw))
+        out.extend(packer.flush())
+        pending = [
+            await self.producer.send(EVENTS_TOPIC, o.value, key=o.key, partition=o.partition)
+            for o in out
+        ]
         for future in pending:
             # Retrieve every outcome, even after a timeout, so none is left unobserved.
             future.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -78,7 +78,16 @@ FEEDBACK_COLUMNS = (
     "csat",
     "nps",
 )
-REJECTED_COLUMNS = ("received_at", "topic", "partition", "offset", "code", "reason", "raw")
+REJECTED_COLUMNS = (
+    "received_at",
+    "topic",
+    "partition",
+    "offset",
+    "item",
+    "code",
+    "reason",
+    "raw",
+)
 
 T = TypeVar("T")
 
@@ -110,6 +119,8 @@ def decode_rows(rows: Mapping[str, list[list[Any]]]) -> dict[str, list[list[Any]
     for table, table_rows in rows.items():
         stamps = [i for i, c in enumerate(TABLE_COLUMNS[table]) if c.endswith("_at")]
         for row in table_rows:
+            if table == "rejected" and len(row) == len(REJECTED_COLUMNS) - 1:
+                row.insert(REJECTED_COLUMNS.index("item"), 0)  # written before envelopes
             for i in stamps:
                 row[i] = datetime.fromisoformat(row[i])
         out[table] = table_rows
@@ -176,10 +187,25 @@ def feedback_row(f: Feedback) -> list[Any]:
 
 
 def rejected_row(
-    rejection: Rejection, topic: str, partition: int, offset: int, received_at: float
+    rejection: Rejection,
+    topic: str,
+    partition: int,
+    offset: int,
+    received_at: float,
+    item: int | None = None,
 ) -> list[Any]:
+    """``item``: the event's index in its envelope (0 for a plain message, as for the first)."""
     raw = rejection.raw.decode("utf-8", errors="backslashreplace")
-    return [_dt(received_at), topic, partition, offset, rejection.code, rejection.reason, raw]
+    return [
+        _dt(received_at),
+        topic,
+        partition,
+        offset,
+        item or 0,
+        rejection.code,
+        rejection.reason,
+        raw,
+    ]
 
 
 def split_statements(sql: str) -> list[str]:

@@ -30,8 +30,9 @@ keeps one profile's keys in one slot):
   partition's event-time clock, which runs on at wall-clock rate while idle.
 - ``jt:ledger:<partition>``         hash: the business metrics' counts
   (pipeline/ledger.py), added in the same script as the state they count.
-- ``jt:x:<partition>:<offset>``     a rejected or duplicate message already
-  tallied; expires after the dedupe TTL, as event marks do.
+- ``jt:x:<partition>:<offset>[:<index>]``  a rejected or duplicate event
+  already tallied (the index is its place in an envelope); expires after the
+  dedupe TTL, as event marks do.
 - ``jt:partitions``                 set of every partition with keys above, so
   readers never SCAN the keyspace (millions of marks) to find them.
 
@@ -42,7 +43,7 @@ owner after a rebalance picks up exactly where the old one stopped.
 from __future__ import annotations
 
 import logging
-import uuid
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +67,7 @@ FIELD_SEP = "\x1f"
 # ARGV[6]: [registry key, [partition, ...]] the partitions this call touches,
 # ARGV[7..]: outbox payloads (kept out of the JSON plan so they are not escaped twice).
 # A group's tally ("x": [ledger key, [[field, n], ...]]) is added with its state.
-# A group's marks are [key, "<partition>:<offset>"]: a replayed message finds
+# A group's marks are [key, "<partition>:<offset>[:<index in envelope>]"]: a replayed event finds
 # its own position there and is known as already applied, not as a duplicate.
 # A group's outbox entry (its ClickHouse rows and Kafka messages) is written
 # with its state, and deleted once they are out: see pipeline/processor.py.
@@ -196,8 +197,9 @@ def ledger_key(partition: int) -> str:
     return f"jt:ledger:{partition}"
 
 
-def tallied_key(partition: int, offset: int) -> str:
-    return f"jt:x:{partition}:{offset}"
+def tallied_key(partition: int, offset: int, item: int | None = None) -> str:
+    suffix = "" if item is None else f":{item}"
+    return f"jt:x:{partition}:{offset}{suffix}"
 
 
 def count_field(journey: str, stage: str) -> str:
@@ -232,9 +234,10 @@ class Commit:
     """
 
     writes: list[Write]
-    # event id -> "<partition>:<offset>" of the message that carried it
+    # event id -> "<partition>:<offset>[:<index>]": where in Kafka it was carried
     event_ids: Mapping[str, str] = field(default_factory=dict)
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Stored in every profile the commit writes: 64 random bits are plenty, and short.
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
     # (partition, payload): what must reach ClickHouse and Kafka once this is applied
     outbox: tuple[int, bytes] | None = None
     # (partition, field -> n): what this adds to the business metrics (pipeline/ledger.py)
@@ -243,11 +246,12 @@ class Commit:
 
 @dataclass(frozen=True)
 class Guarded:
-    """The tally of a message that changes no state (rejected, duplicate), counted once."""
+    """The tally of an event that changes no state (rejected, duplicate), counted once."""
 
     partition: int
     offset: int
     tally: Mapping[str, int]
+    item: int | None = None  # index in the message's envelope
 
 
 @dataclass(frozen=True)
@@ -294,7 +298,7 @@ class RedisStore:
     ) -> tuple[dict[Ref, Loaded], dict[str, str]]:
         """Slots of ``refs``, and the marks of those ``event_ids`` already applied. One round trip.
 
-        A mark is the ``"<partition>:<offset>"`` of the message that applied the event.
+        A mark is the position (``"<partition>:<offset>[:<index>]"``) that applied the event.
         """
         wanted = list(dict.fromkeys(refs))
         pipe = self.redis.pipeline(transaction=False)
@@ -404,7 +408,7 @@ class RedisStore:
                 orjson.dumps(
                     [
                         [
-                            k(tallied_key(g.partition, g.offset)),
+                            k(tallied_key(g.partition, g.offset, g.item)),
                             k(ledger_key(g.partition)),
                             [[f, n] for f, n in g.tally.items() if n],
                         ]

@@ -6,7 +6,7 @@ import asyncio
 import gzip
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from pipeline.collector.app import Collector
 from pipeline.collector.keys import hash_key, load_keys
 from pipeline.embedded import Service, create_topics, start_kafka
+from pipeline.envelope import partition_for
 from pipeline.events import Event, Validator
 from pipeline.settings import EVENTS_TOPIC, Settings
 
@@ -41,11 +42,14 @@ def event(**overrides: Any) -> dict[str, Any]:
     return body
 
 
+PARTITIONS = 3
+
+
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """A broker of this module's own, so journey.events holds only what these tests sent."""
     with start_kafka(log_dir=tmp_path_factory.mktemp("collector-kafka")) as service:
-        create_topics(service.url, {EVENTS_TOPIC: 3})
+        create_topics(service.url, {EVENTS_TOPIC: PARTITIONS})
         yield service
 
 
@@ -85,10 +89,33 @@ async def client(kafka: Service) -> AsyncIterator[TestClient[Any, Any]]:
         await client.close()
 
 
+@dataclass(frozen=True)
+class Record:
+    """One event as it travelled: alone (its own key) or in an envelope (key None)."""
+
+    value: bytes
+    key: bytes | None
+    partition: int
+    packed: bool
+
+
+def opened(value: bytes, key: bytes | None, partition: int) -> list[Record]:
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return [Record(value, key, partition, False)]
+    if isinstance(doc, dict) and "envelope" in doc:
+        return [Record(orjson.dumps(e), None, partition, True) for e in doc["events"]]
+    return [Record(value, key, partition, False)]
+
+
 async def records(
     kafka_url: str, ids: set[Any], timeout: float = 30, by: str = "event_id"
-) -> list[Any]:
-    """Every record in journey.events whose ``by`` field (or raw text) is among ``ids``."""
+) -> list[Record]:
+    """Every event in journey.events whose ``by`` field (or raw text) is among ``ids``.
+
+    Envelopes are opened: each of their events is a Record of its own.
+    """
     import time
 
     consumer = AIOKafkaConsumer(
@@ -99,7 +126,7 @@ async def records(
         group_id=None,
     )
     await consumer.start()
-    found: list[Any] = []
+    found: list[Record] = []
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -107,14 +134,16 @@ async def records(
             if not batches and found:
                 break
             for batch in batches.values():
-                for record in batch:
-                    try:
-                        value = orjson.loads(record.value)
-                    except orjson.JSONDecodeError:
-                        value = record.value
-                    tag = value.get(by) if isinstance(value, dict) else value
-                    if tag in ids:
-                        found.append(record)
+                for message in batch:
+                    assert message.value is not None
+                    for record in opened(message.value, message.key, message.partition):
+                        try:
+                            value = orjson.loads(record.value)
+                        except orjson.JSONDecodeError:
+                            value = record.value
+                        tag = value.get(by) if isinstance(value, dict) else value
+                        if tag in ids:
+                            found.append(record)
     finally:
         await consumer.stop()
     return found
@@ -148,16 +177,23 @@ async def test_batch_is_answered_per_event_and_lands_once(
     found = await records(kafka.url, {e["event_id"] for e in batch})
     assert len(found) == len(batch)  # bad ones too: the worker dead-letters them
     validator = Validator()
+    packed = 0
     for record in found:
         value = orjson.loads(record.value)
         assert value["source"] == "web"
         verdict = validator.decode(record.value)
         if isinstance(verdict, Event):
-            assert record.key == verdict.key.encode()
+            # In the partition its key picks, as the worker expects: packed in an envelope,
+            # or alone with its key when it was its partition's only event.
+            assert record.key == (None if record.packed else verdict.key.encode())
+            assert record.partition == partition_for(verdict.key.encode(), PARTITIONS)
+            packed += record.packed
         else:
-            assert record.key is None
-    keys = {orjson.loads(r.value)["event_id"]: r.key for r in found}
-    assert keys[good[-1]["event_id"]] == b"c-linked"  # the customer, not the device
+            assert not record.packed and record.key is None
+    assert packed >= 2  # six accepted events over three partitions share messages
+    partitions = {orjson.loads(r.value)["event_id"]: r.partition for r in found}
+    # The customer's partition, not the device's.
+    assert partitions[good[-1]["event_id"]] == partition_for(b"c-linked", PARTITIONS)
 
 
 async def test_source_comes_from_the_key_not_the_body(

@@ -5,16 +5,24 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import orjson
 from aiokafka import AIOKafkaConsumer
 
+from pipeline.envelope import partition_for
 from pipeline.events import Event, Validator
+from pipeline.identity import routing_key
 from pipeline.producer import bootstrap_servers
 
 Record = tuple[bytes | None, bytes]
 
 
 async def read_all(url: str, topic: str, expected: int, timeout: float = 90) -> list[Record]:
-    """(key, value) of every record, reading on for a moment past ``expected`` to catch extras."""
+    """(key, value) of every event, reading on for a moment past ``expected`` to catch extras.
+
+    Envelopes are opened. An event in one has no Kafka key of its own: it is
+    reported under its routing key only if it sits in the partition that key
+    picks (what ordering needs), else under None, which no test expects.
+    """
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap_servers(url),
@@ -29,13 +37,31 @@ async def read_all(url: str, topic: str, expected: int, timeout: float = 90) -> 
     try:
         while time.monotonic() < deadline and (settle is None or time.monotonic() < settle):
             batches = await consumer.getmany(timeout_ms=500)
-            for batch in batches.values():
-                records.extend((r.key, r.value) for r in batch if r.value is not None)
+            for tp, batch in batches.items():
+                partitions = len(consumer.partitions_for_topic(tp.topic) or ())
+                for r in batch:
+                    if r.value is not None:
+                        records.extend(_opened(r.key, r.value, tp.partition, partitions))
             if settle is None and len(records) >= expected:
                 settle = time.monotonic() + 2.0
     finally:
         await consumer.stop()
     return records
+
+
+def _opened(key: bytes | None, value: bytes, partition: int, partitions: int) -> list[Record]:
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return [(key, value)]
+    if not (isinstance(doc, dict) and "envelope" in doc):
+        return [(key, value)]
+    out: list[Record] = []
+    for event in doc["events"]:
+        routing = (routing_key(event.get("customer_id"), event.get("anonymous_id")) or "").encode()
+        placed = bool(routing) and partition_for(routing, partitions) == partition
+        out.append((routing if placed else None, orjson.dumps(event)))
+    return out
 
 
 def valid_events(records: list[Record]) -> list[tuple[bytes | None, Event]]:
