@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pipeline.events import Validator
 from pipeline.health import Health
 from pipeline.journeys import Journey, load_journeys
+from pipeline.kafka_probe import KafkaProbe, KafkaProbeService
 from pipeline.metrics import Metrics
 from pipeline.processor import BatchProcessor, OutMessage, RawMessage
 from pipeline.producer import ssl_context
@@ -288,6 +289,10 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
             await runtime.refresh_consistency()
         except Exception as exc:
             runtime._sink_error("clickhouse", "consistency", exc)
+
+    # A child service of the app, not an @app.timer: Faust starts timers only after the
+    # first partition assignment, and a worker cut off before it must say so too.
+    app.add_dependency(KafkaProbeService(KafkaProbe.for_settings(settings, runtime.health)))
 
     @app.page("/metrics")
     class MetricsView(View):
