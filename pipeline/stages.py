@@ -25,7 +25,7 @@ ENTRY_KINDS = (ENTERED, ADVANCED, REGRESSED, REENGAGED)
 # Kinds that take a customer out of a stage they spent time in (time in stage).
 DWELL_KINDS = (ADVANCED, DROPPED, REGRESSED)
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2  # Profile.to_json; format 1 is still read
 
 Scalar = str | int | float | bool | None
 
@@ -80,37 +80,76 @@ class Profile:
         return cls(customer, {}, frozenset(), None, None, anonymous)
 
     def to_json(self) -> bytes:
-        """Compact and deterministic, so equal profiles store as equal bytes."""
-        positions: dict[str, dict[str, Any]] = {}
+        """Compact and deterministic, so equal profiles store as equal bytes.
+
+        Positional (format 2), because field names cost more than the values and
+        Redis holds one of these per customer:
+        ``[2, customer, anonymous, last_event_at, last_channel, [channels],
+        {journey: [stage, entered_at, last_event_at, last_channel, dropped_from,
+        handoff]}]``, a position's trailing nulls left out. Times stay exact
+        floats: a replay must compute the same seconds in stage as the live run.
+        """
+        positions: dict[str, list[Any]] = {}
         for j, p in self.positions.items():
-            doc_p: dict[str, Any] = {
-                "stage": p.stage,
-                "entered_at": float(p.entered_at),
-                "last_event_at": float(p.last_event_at),
-                "last_channel": p.last_channel,
-            }
-            if p.dropped_from is not None:
-                doc_p["dropped_from"] = p.dropped_from
-            if p.handoff is not None:
-                doc_p["handoff"] = list(p.handoff)
-            positions[j] = doc_p
-        doc: dict[str, Any] = {
-            "v": PROFILE_FORMAT,
-            "customer": self.customer,
-            "positions": positions,
-            "channels": sorted(self.channels),
-            "last_channel": self.last_channel,
-            "last_event_at": None if self.last_event_at is None else float(self.last_event_at),
-        }
-        if self.anonymous:
-            doc["anonymous"] = True
-        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+            row: list[Any] = [
+                p.stage,
+                float(p.entered_at),
+                float(p.last_event_at),
+                p.last_channel,
+                p.dropped_from,
+                None if p.handoff is None else list(p.handoff),
+            ]
+            while row[-1] is None:
+                row.pop()
+            positions[j] = row
+        return orjson.dumps(
+            [
+                PROFILE_FORMAT,
+                self.customer,
+                1 if self.anonymous else 0,
+                None if self.last_event_at is None else float(self.last_event_at),
+                self.last_channel,
+                sorted(self.channels),
+                positions,
+            ],
+            option=orjson.OPT_SORT_KEYS,
+        )
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Profile:
         doc = orjson.loads(data)
-        version = doc.get("v", PROFILE_FORMAT)
+        if isinstance(doc, dict):
+            return cls._from_v1(doc)
+        version, customer, anonymous, last_event_at, last_channel, channels, rows = doc
         if version != PROFILE_FORMAT:
+            raise ValueError(f"unsupported profile format {version!r}")
+        positions: dict[str, Position] = {}
+        for j, row in rows.items():
+            stage, entered_at, last_at, channel, *rest = row
+            dropped_from = rest[0] if rest else None
+            handoff = rest[1] if len(rest) > 1 else None
+            positions[j] = Position(
+                stage=stage,
+                entered_at=float(entered_at),
+                last_event_at=float(last_at),
+                last_channel=channel,
+                dropped_from=dropped_from,
+                handoff=None if handoff is None else (handoff[0], handoff[1]),
+            )
+        return cls(
+            customer=customer,
+            positions=positions,
+            channels=frozenset(channels),
+            last_channel=last_channel,
+            last_event_at=None if last_event_at is None else float(last_event_at),
+            anonymous=bool(anonymous),
+        )
+
+    @classmethod
+    def _from_v1(cls, doc: dict[str, Any]) -> Profile:
+        """Format 1 (an object with named fields), as stored before format 2: still read."""
+        version = doc.get("v", 1)
+        if version != 1:
             raise ValueError(f"unsupported profile format {version!r}")
         last_event_at = doc.get("last_event_at")
         positions: dict[str, Position] = {}

@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -301,10 +300,30 @@ def test_profile_json_is_compact_and_sorted() -> None:
         2.5,
     )
     data = profile.to_json()
-    assert b" " not in data
-    assert orjson.loads(data)["channels"] == ["app", "web"]
+    assert data == b'[2,"c1",0,2.5,"app",["app","web"],{"retail":["purchase",1.5,2.5,"app"]}]'
     assert Profile.from_json(data) == profile
     assert Profile.from_json(Profile.empty("z").to_json()) == Profile.empty("z")
+
+
+def test_profiles_stored_in_format_1_are_still_read() -> None:
+    """What a worker of the previous release left in Redis loads unchanged."""
+    v1 = (
+        b'{"anonymous":true,"channels":["app","web"],"customer":"d1","last_channel":"web",'
+        b'"last_event_at":9.5,"positions":{"retail":{"dropped_from":"cart","entered_at":8.0,'
+        b'"handoff":["app","web"],"last_channel":"web","last_event_at":9.5,"stage":null}},"v":1}'
+    )
+    profile = Profile.from_json(v1)
+    assert profile == Profile(
+        "d1",
+        {"retail": Position(None, 8.0, 9.5, "web", "cart", ("app", "web"))},
+        frozenset({"app", "web"}),
+        "web",
+        9.5,
+        anonymous=True,
+    )
+    assert Profile.from_json(profile.to_json()) == profile
+    with pytest.raises(ValueError, match="format 3"):
+        Profile.from_json(b'[3,"x",0,null,null,[],{}]')
 
 
 # ------------------------------------------------------------------ properties
