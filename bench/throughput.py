@@ -11,15 +11,21 @@ One run starts Tansu, redis-server (AOF on, as in production) and, in turn,
 each contender on this machine; nothing else of the project runs meanwhile.
 It pre-loads ``journey.events`` with ``--events`` simulator events (the
 generator of `journey simulate`: every channel, identity stitching, ~1%
-resent duplicates, ~3% unmapped types; keyed by customer, one event per
-message as a simple producer sends them), then each contender reads that same
-content from the beginning, one after the other:
+resent duplicates, ~3% unmapped types), packed as `journey send` and
+`journey simulate` pack them: envelopes of up to ``--envelope`` events (100),
+each partition's events in order (``--envelope 1``: one event per message,
+as a simple producer sends them; its results go to throughput_single.json).
+Then each contender reads that same content from the beginning, one after
+the other:
 
 - ceiling: a plain aiokafka consumer, every partition assigned, ``getmany``
-  and ``orjson.loads`` per event, nothing else (run first and last: the better
+  and ``orjson.loads`` per message (an envelope's events are parsed with it),
+  nothing else (run first and last: the better
   of the two is the ceiling, the gap between them is the machine's noise);
 - peer: the default journey's stage assignment on Quix Streams with RocksDB
-  state per customer (bench/throughput_apps.py says what it does and skips);
+  state per customer; with envelopes it opens them and re-keys each event by
+  customer (``group_by``), Quix's way to keep state per customer
+  (bench/throughput_apps.py says what it does and skips);
 - worker: ``journey worker`` as a child process with chDB, end to end: from the
   start of its first batch (the earliest ``received_at`` in ClickHouse) until
   ``journey_events_total`` on /metrics reaches the topic's event count; a batch
@@ -28,7 +34,8 @@ content from the beginning, one after the other:
   independently: events in the topic and rows in ClickHouse, over the wall
   time between the first and the last batch stamped in ClickHouse;
 - baseline: a Faust agent doing one awaited Redis call and one ClickHouse insert
-  per event, on a sample (``--naive-events`` or ``--naive-seconds``).
+  per event (an envelope's events one by one), on a sample (``--naive-events``
+  or ``--naive-seconds``).
 
 Group joins (15–35 s on Tansu) come before each contender's first event and
 are not timed. Each timed figure is events / seconds from its first event to
@@ -71,12 +78,15 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.embedded import Service, create_topics, free_port, start_kafka, start_redis
+from pipeline.envelope import DEFAULT_ENVELOPE_EVENTS, Outgoing, Packer
 from pipeline.producer import bootstrap_servers, produce_batches
 from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 from pipeline.simulate import generate, key_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "throughput.json"
+# --envelope 1: the same run on one event per message, kept beside the default's.
+RESULTS_SINGLE = ROOT / "bench" / "results" / "throughput_single.json"
 PROFILE_OUT = ROOT / "bench" / "results" / "throughput_profile.txt"
 APPS = Path(__file__).resolve().parent / "throughput_apps.py"
 COMMAND = ".venv/bin/python bench/throughput.py"
@@ -90,6 +100,9 @@ PROFILE_RATE = 100
 # How often the run polls the worker's /metrics: each scrape costs the worker CPU, and
 # half a second is under 1% of a run of a minute or more.
 SCRAPE_EVERY_S = 0.5
+# Latency traffic: the longest an event waits for its envelope to fill, as the
+# producers' default linger (pipeline.producer.produce_batches).
+LINGER_S = 0.02
 
 
 @dataclass
@@ -267,6 +280,7 @@ async def ceiling(kafka_url: str, partitions: int, events: int) -> Contender:
         consumer.assign([TopicPartition(EVENTS_TOPIC, p) for p in range(partitions)])
         await consumer.seek_to_beginning()
         count = 0
+        messages_read = 0
         first = 0.0
         deadline = time.monotonic() + 60
         while count < events:
@@ -279,10 +293,17 @@ async def ceiling(kafka_url: str, partitions: int, events: int) -> Contender:
                 first = time.perf_counter()
             for messages in batches.values():
                 for message in messages:
-                    orjson.loads(message.value)
-                count += len(messages)
+                    doc = orjson.loads(message.value)
+                    # An envelope counts its events; reading them is the parse above.
+                    count += len(doc["events"]) if "envelope" in doc else 1
+                messages_read += len(messages)
             deadline = time.monotonic() + 60
-        return Contender("aiokafka getmany + orjson.loads", count, time.perf_counter() - first)
+        return Contender(
+            "aiokafka getmany + orjson.loads",
+            count,
+            time.perf_counter() - first,
+            extra={"messages": messages_read},
+        )
     finally:
         await consumer.stop()
 
@@ -325,13 +346,14 @@ def wait_result(child: Any, result: Path, log: Path, timeout: float) -> dict[str
     return data
 
 
-def peer(kafka: Service, events: int, work: Path) -> Contender:
+def peer(kafka: Service, events: int, work: Path, envelopes: bool = False) -> Contender:
     result = work / "peer.json"
     log = work / "quix-peer.log"
     child = _child(
         [
             *(sys.executable, str(APPS), "peer", "--kafka", kafka.url, "--events", str(events)),
             *("--result", str(result), "--state-dir", str(work / "quix-state")),
+            *(["--envelopes"] if envelopes else []),
         ],
         log,
     )
@@ -344,7 +366,8 @@ def peer(kafka: Service, events: int, work: Path) -> Contender:
         "Quix Streams 3.28 + RocksDB state, same engine",
         data["events"],
         data["seconds"],
-        "validate + apply_event per customer key; no stitching, dedupe or sinks",
+        "validate + apply_event per customer key; no stitching, dedupe or sinks"
+        + ("; envelopes opened and re-keyed by customer (group_by)" if envelopes else ""),
         {
             "accepted": data["accepted"],
             "transitions": data["transitions"],
@@ -406,6 +429,7 @@ def worker(
     profile: bool,
     latency_seconds: float,
     redis_used_before: int,
+    envelope: int = 1,
 ) -> WorkerRun:
     settings = Settings(
         kafka_url=kafka.url,
@@ -468,7 +492,14 @@ def worker(
             rate = events / max(done_at - moving_at, 1e-9) / 2
             with console.status(f"latency: {rate:,.0f} events/s for {latency_seconds:.0f}s…"):
                 latency = asyncio.run(
-                    steady(kafka.url, redis_service.url, settings.web_port, rate, latency_seconds)
+                    steady(
+                        kafka.url,
+                        redis_service.url,
+                        settings.web_port,
+                        rate,
+                        latency_seconds,
+                        envelope,
+                    )
                 )
     finally:
         if spy is not None and spy.poll() is None:
@@ -487,9 +518,12 @@ def lag_buckets(samples: Mapping[str, list[tuple[dict[str, str], float]]]) -> li
 
 
 async def steady(
-    kafka_url: str, redis_url: str, web_port: int, rate: float, seconds: float
+    kafka_url: str, redis_url: str, web_port: int, rate: float, seconds: float, envelope: int = 1
 ) -> dict[str, Any]:
     """Live traffic at ``rate``, event time = send time; how soon each event is visible.
+
+    Events are packed as `journey simulate` packs them (up to ``envelope`` per
+    message, none waiting more than LINGER_S), so the figures include that wait.
 
     - Redis: every 10th event's duplicate mark (``jt:e:<event_id>``), written by
       the same Lua call as the customer's profile, polled every 20 ms;
@@ -505,6 +539,8 @@ async def steady(
     before = await asyncio.to_thread(scrape, web_port)
     counted_before = total(before, "journey_events_total")
     producer = await start_producer(kafka_url, linger_ms=5)
+    partitions = len(await producer.partitions_for(EVENTS_TOPIC))
+    packer = Packer(partitions, envelope)
     client = aioredis.Redis.from_url(redis_url)
     rng = random.Random(99)
     source = generate(rng, time.time(), rate=rate, duration=None)
@@ -531,6 +567,9 @@ async def steady(
                 break
             await asyncio.sleep(0.02)
 
+    async def send(out: Outgoing) -> Any:
+        return await producer.send(EVENTS_TOPIC, out.value, key=out.key, partition=out.partition)
+
     stop_at = time.time() + seconds
     poller = asyncio.create_task(poll())
     try:
@@ -542,12 +581,17 @@ async def steady(
                 now = time.time()
                 event["occurred_at"] = format_time(now)
                 key, value = key_of(event).encode(), orjson.dumps(event)
-                pending.append(await producer.send(EVENTS_TOPIC, value, key=key))
+                for out in packer.add(key, value, now):
+                    pending.append(await send(out))
                 if sent % 10 == 0 and event["event_id"] not in ids:
                     sent_at[event["event_id"]] = now
                 ids.add(event["event_id"])
                 sent += 1
+            for out in packer.due(time.time(), LINGER_S):
+                pending.append(await send(out))
             await asyncio.sleep(0.005)
+        for out in packer.flush():
+            pending.append(await send(out))
         await producer.flush()
         for future in pending:
             await future
@@ -570,6 +614,8 @@ async def steady(
     return {
         "rate": rate,
         "seconds": seconds,
+        "envelope": envelope,
+        "linger_ms": LINGER_S * 1000,
         "sent": sent,
         "counted": total(after, "journey_events_total") - counted_before,
         "redis_sampled": len(sent_at),
@@ -693,6 +739,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--events", type=int, default=1_000_000, help="events pre-loaded")
     parser.add_argument("--partitions", type=int, default=4, help="partitions of journey.events")
     parser.add_argument("--seed", type=int, default=1, help="simulator seed")
+    parser.add_argument(
+        "--envelope",
+        type=int,
+        default=DEFAULT_ENVELOPE_EVENTS,
+        help="events per Kafka message, as `journey send`/`simulate` pack them (1: one per "
+        "message, as a simple producer sends them); every contender reads the same messages",
+    )
     parser.add_argument("--naive-events", type=int, default=5_000, help="baseline sample size")
     parser.add_argument("--naive-seconds", type=float, default=60.0, help="baseline time cap")
     parser.add_argument("--skip", action="append", default=[], choices=("peer", "naive"))
@@ -727,13 +780,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         with console.status(f"pre-loading {args.events:,} simulator events…"):
             started = time.perf_counter()
             sent = asyncio.run(
-                produce_batches(kafka.url, EVENTS_TOPIC, records(args.events, args.seed, stats))
+                produce_batches(
+                    kafka.url,
+                    EVENTS_TOPIC,
+                    records(args.events, args.seed, stats),
+                    envelope=args.envelope,
+                )
             )
             assert sent == args.events == stats.events, (sent, stats.events)
             preload_s = time.perf_counter() - started
         console.print(
             f"pre-loaded {stats.events:,} events ({stats.bytes / stats.events:.0f} bytes each, "
-            f"{stats.keys:,} keys, {stats.duplicates:,} resent duplicates) in {preload_s:.0f}s"
+            f"{stats.keys:,} keys, {stats.duplicates:,} resent duplicates; up to "
+            f"{args.envelope} per message) in {preload_s:.0f}s"
         )
 
         with console.status("ceiling: plain aiokafka consumer…"):
@@ -742,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         if "peer" not in args.skip:
             with console.status("peer: Quix Streams (group join, then the whole topic)…"):
-                contenders["peer"] = peer(kafka, args.events, work)
+                contenders["peer"] = peer(kafka, args.events, work, args.envelope > 1)
             console.print(f"peer: {contenders['peer'].events_per_s:,.0f} events/s")
 
         redis_client = redis.Redis.from_url(redis_service.url)
@@ -757,6 +816,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.profile,
                 args.latency_seconds,
                 used_before,
+                args.envelope,
             )
         with console.status("reading ClickHouse…"):
             ch = clickhouse_facts(work / "chdb", run.done_at)
@@ -818,7 +878,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     per_event = _per_event(run, samples, args.events)
 
     table = Table(
-        title=f"{args.events:,} simulator events, {args.partitions} partitions, "
+        title=f"{args.events:,} simulator events (up to {args.envelope} per message), "
+        f"{args.partitions} partitions, "
         f"Tansu + redis-server + chDB ({os.cpu_count()} cores)"
     )
     for column in ("contender", "events", "seconds", "events/s", "worker ×"):
@@ -884,14 +945,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         for line in lines:
             console.print("  " + line)
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    results = RESULTS if args.envelope > 1 else RESULTS_SINGLE
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(
         json.dumps(
             {
                 "command": command,
                 "args": vars(args),
                 "cores": os.cpu_count(),
-                "topic": asdict(stats),
+                "topic": {
+                    **asdict(stats),
+                    "envelope": args.envelope,
+                    "messages": first_ceiling.extra["messages"],
+                },
                 "preload_s": preload_s,
                 "contenders": {
                     name: {**asdict(c), "events_per_s": c.events_per_s}
@@ -909,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             indent=2,
         )
     )
-    console.print(f"written to {RESULTS.relative_to(ROOT)}; logs in {work}")
+    console.print(f"written to {results.relative_to(ROOT)}; logs in {work}")
     console.print(f"reproduce: {command}")
 
 

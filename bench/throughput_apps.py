@@ -2,7 +2,8 @@
 
 Run by bench/throughput.py, not by hand:
 
-    python bench/throughput_apps.py peer  --kafka URL --events N --result FILE --state-dir DIR
+    python bench/throughput_apps.py peer  --kafka URL --events N --result FILE --state-dir DIR \
+        [--envelopes]
     python bench/throughput_apps.py naive --kafka URL --redis URL --chdb DIR --events N \
         --seconds S --result FILE
 
@@ -19,7 +20,10 @@ group (15–35 s on Tansu) happens before the first event and is not timed.
   worker's validator and applied by the worker's own pure engine
   (``pipeline.stages.apply_event``), the profile stored as its JSON. It does
   less than the worker: no identity stitching across keys, no duplicate
-  detection, no sinks (ClickHouse, transitions topic, metrics).
+  detection, no sinks (ClickHouse, transitions topic, metrics). With
+  ``--envelopes`` it first opens each envelope and re-keys its events by
+  customer through a repartition topic (``group_by``): Quix keeps state per
+  message key, and an envelope holds many customers.
 - ``naive``: a Faust agent that handles one event at a time, as the framework's
   tutorials do: validate, one awaited Redis call (HSET of the event's stage),
   one awaited ClickHouse insert of its row into the real ``journey.events``
@@ -38,6 +42,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from pipeline.events import Event, Validator
 from pipeline.journeys import default_journeys
 from pipeline.settings import EVENTS_TOPIC
@@ -54,7 +60,9 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     tmp.rename(path)
 
 
-def run_peer(kafka_url: str, events: int, result: Path, state_dir: Path) -> None:
+def run_peer(
+    kafka_url: str, events: int, result: Path, state_dir: Path, envelopes: bool = False
+) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from quixstreams import Application, State
 
@@ -76,11 +84,11 @@ def run_peer(kafka_url: str, events: int, result: Path, state_dir: Path) -> None
     seen = {"count": 0, "accepted": 0, "transitions": 0}
     started: list[float] = []
 
-    def assign(raw: bytes, state: State) -> None:
+    def assign(raw: bytes | dict[str, Any], state: State) -> None:
         if not started:
             started.append(time.perf_counter())
         seen["count"] += 1
-        decoded = validator.decode(raw)
+        decoded = validator.decode(raw) if isinstance(raw, bytes) else validator.validate_dict(raw)
         if isinstance(decoded, Event):
             seen["accepted"] += 1
             stored = state.get("profile")
@@ -97,8 +105,30 @@ def run_peer(kafka_url: str, events: int, result: Path, state_dir: Path) -> None
             write_result(result, {**seen, "events": seen["count"], "seconds": seconds})
             app.stop()
 
-    app.dataframe(topic).update(assign, stateful=True)
+    sdf = app.dataframe(topic)
+    if envelopes:
+        # Quix keeps state per message key, and an envelope holds many customers: the
+        # idiomatic way is to open it and re-key each event by customer through a
+        # repartition topic (group_by), then update that customer's state.
+        sdf = sdf.apply(_open_envelope, expand=True)
+        sdf = sdf.group_by(_customer_key, name="customer")
+    sdf.update(assign, stateful=True)
     app.run()
+
+
+def _open_envelope(raw: bytes) -> list[Any]:
+    doc = orjson.loads(raw)
+    if isinstance(doc, dict) and "envelope" in doc:
+        return list(doc["events"])
+    return [doc]
+
+
+def _customer_key(doc: Any) -> str:
+    if isinstance(doc, dict):
+        for name in ("customer_id", "anonymous_id"):
+            if isinstance(doc.get(name), str):
+                return str(doc[name])
+    return ""
 
 
 def run_naive(
@@ -139,21 +169,25 @@ def run_naive(
                 continue
             if count == 0:
                 first = time.perf_counter()
-            count += 1
-            decoded = validator.decode(value)
-            if isinstance(decoded, Event):
-                accepted += 1
-                stage = journey.match(decoded.event_type, decoded.properties)
-                await redis.hset(
-                    NAIVE_PREFIX + decoded.key,
-                    mapping={"stage": stage.name if stage else "", "at": decoded.ts},
-                )
-                sink.add_events([event_row(decoded, time.time())])
-                await sink.flush()
-            elapsed = time.perf_counter() - first
-            if count >= events or elapsed >= seconds:
-                write_result(result, {"events": count, "accepted": accepted, "seconds": elapsed})
-                done = True
+            # An envelope's events are handled one by one, like lone ones.
+            for _, decoded in validator.decode_message(value):
+                count += 1
+                if isinstance(decoded, Event):
+                    accepted += 1
+                    stage = journey.match(decoded.event_type, decoded.properties)
+                    await redis.hset(
+                        NAIVE_PREFIX + decoded.key,
+                        mapping={"stage": stage.name if stage else "", "at": decoded.ts},
+                    )
+                    sink.add_events([event_row(decoded, time.time())])
+                    await sink.flush()
+                elapsed = time.perf_counter() - first
+                if count >= events or elapsed >= seconds:
+                    write_result(
+                        result, {"events": count, "accepted": accepted, "seconds": elapsed}
+                    )
+                    done = True
+                    break
             yield None
 
     worker = faust.Worker(app, loglevel="warning", quiet=True)
@@ -170,9 +204,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--events", type=int, required=True)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--result", type=Path, required=True)
+    parser.add_argument("--envelopes", action="store_true", help="the topic holds envelopes")
     args = parser.parse_args(argv)
     if args.contender == "peer":
-        run_peer(args.kafka, args.events, args.result, args.state_dir)
+        run_peer(args.kafka, args.events, args.result, args.state_dir, args.envelopes)
     else:
         run_naive(args.kafka, args.redis, args.chdb, args.events, args.seconds, args.result)
 

@@ -8,6 +8,7 @@ consumer (and by tests).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -208,6 +209,8 @@ class BatchProcessor:
         self.publish = publish
         # Events per Redis script call and ClickHouse insert (JOURNEY_BATCH_SIZE).
         self.max_events = max_events
+        # The last committed chunk still being written out (ClickHouse, Kafka).
+        self._writing: asyncio.Task[None] | None = None
         self.health = health or Health()
         # Outbox entries of batches this process is still writing out.
         self._in_flight: set[str] = set()
@@ -246,6 +249,9 @@ class BatchProcessor:
                 now = time.time()
         if chunk:
             await self._process_chunk(chunk, result, started, now)
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await writing  # offsets are committed after this returns: all must be out
         return result
 
     async def _process_chunk(
@@ -305,22 +311,52 @@ class BatchProcessor:
         self.sink.add_events([event_row(p.event, now) for p in applied])
         self._add_outcome(outcome)
         self.sink.add_rejected(rejected_rows)
-        await self.sink.flush()
-        flushed_at = time.monotonic()
-        await self._publish([*_transition_messages(outcome.transitions), *dead])
-        await self._done(tokens)
-
         result.transitions.extend(outcome.transitions)
         result.accepted += len(applied)
         result.duplicates += len(repeated) + len(duplicates)
         result.rejected.extend((i.message, i.rejection) for i in rejected)
-        self._observe_events(applied)
-        self.observe_outcome(outcome)
         m = self.metrics
         m.batch_size.observe(len(items))
         m.batch_seconds.labels("decode").observe(decoded_at - started)
         m.batch_seconds.labels("redis").observe(stored_at - decoded_at)
-        m.batch_seconds.labels("clickhouse").observe(flushed_at - stored_at)
+        # The state is committed; its rows and messages go out while the next chunk is
+        # decoded and applied (process() waits for the last before it returns).
+        self._writing = asyncio.create_task(
+            self._write_out(
+                self._writing,
+                [*_transition_messages(outcome.transitions), *dead],
+                tokens,
+                applied,
+                outcome,
+                started,
+            )
+        )
+
+    async def _write_out(
+        self,
+        previous: asyncio.Task[None] | None,
+        messages: list[OutMessage],
+        tokens: list[tuple[int, str]],
+        applied: list[_Pending],
+        outcome: Outcome,
+        started: float,
+    ) -> None:
+        """A committed chunk's rows to ClickHouse and messages to Kafka, then forget its outbox.
+
+        One chunk at a time, in order: the previous chunk's are out first, so
+        transitions keep their order on Kafka and at most one chunk waits.
+        """
+        if previous is not None:
+            await previous
+        began = time.monotonic()
+        await self.sink.flush()
+        flushed_at = time.monotonic()
+        await self._publish(messages)
+        await self._done(tokens)
+        self._observe_events(applied)
+        self.observe_outcome(outcome)
+        m = self.metrics
+        m.batch_seconds.labels("clickhouse").observe(flushed_at - began)
         m.batch_seconds.labels("total").observe(time.monotonic() - started)
         m.last_batch.set(time.time())
 
