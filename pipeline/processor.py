@@ -123,6 +123,10 @@ class _Item:
         return self.decoded
 
 
+def _kafka_order(p: _Pending) -> tuple[int, int, int]:
+    return (p.partition, p.offset, -1 if p.item is None else p.item)
+
+
 def position(partition: int, offset: int, item: int | None = None) -> str:
     """``partition:offset`` of a plain message, ``partition:offset:index`` inside an envelope."""
     return f"{partition}:{offset}" if item is None else f"{partition}:{offset}:{item}"
@@ -643,7 +647,9 @@ class BatchProcessor:
         """This process's view of its events: lag, lateness. Counts are in the ledger."""
         m = self.metrics
         now = time.time()
-        for p in applied:
+        # In Kafka order: ``applied`` is in customer-group order, in which a customer's
+        # event looks late behind another customer's later one.
+        for p in sorted(applied, key=_kafka_order):
             e = p.event
             m.lag.observe(max(0.0, now - e.ts))
             if p.received_at is not None:

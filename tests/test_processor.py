@@ -442,3 +442,27 @@ def test_a_dead_letter_always_fits_a_kafka_message(fill: bytes) -> None:
     assert raw.decode().startswith(doc["raw"])
     small = rejected_message(message, Rejection("bad", "not_json", b"{"), T0)
     assert "raw_truncated" not in orjson.loads(small) and "item" not in orjson.loads(small)
+
+
+async def test_late_events_are_judged_in_kafka_order(
+    redis_service: Service, redis_client: redis.Redis, chdb_path: Path
+) -> None:
+    """Events in time order are not late, however the batch groups their customers."""
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    p = processor(redis_service.url, sink)
+    # Alternate customers, a minute apart, in one partition: each group is in order,
+    # but the second customer's first event is older than the first customer's last.
+    values = [event(f"o{i}", "page_view", 60.0 * i, customer=f"c{i % 2}") for i in range(6)]
+    try:
+        await p.process(messages(values, partitions=1))
+        late = p.metrics.registry.get_sample_value("journey_late_events_total", {"channel": "web"})
+        assert late in (None, 0.0)
+        # A genuinely late one (two minutes behind the newest, lateness allowed: 0) counts.
+        old = [event("o-late", "page_view", 60.0 * 3, customer="c9")]
+        await p.process([RawMessage("journey.events", 0, 99, old[0], T0 + 1)])
+        late = p.metrics.registry.get_sample_value("journey_late_events_total", {"channel": "web"})
+        assert late == 1.0
+    finally:
+        await p.store.close()
+        await sink.close()
