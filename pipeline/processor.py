@@ -324,7 +324,12 @@ class BatchProcessor:
         m.batch_seconds.labels("decode").observe(decoded_at - started)
         m.batch_seconds.labels("redis").observe(stored_at - decoded_at)
         # The state is committed; its rows and messages go out while the next chunk is
-        # decoded and applied (process() waits for the last before it returns).
+        # decoded and applied (process() waits for the last before it returns). At most
+        # one chunk is being written out: the previous one must be out before this one
+        # starts, so a slow ClickHouse or broker holds the worker back rather than
+        # letting committed chunks pile up in memory.
+        if self._writing is not None:
+            await self._writing
         self._writing = asyncio.create_task(
             self._write_out(
                 self._writing,
@@ -348,10 +353,10 @@ class BatchProcessor:
         """A committed chunk's rows to ClickHouse and messages to Kafka, then forget its outbox.
 
         One chunk at a time, in order: the previous chunk's are out first, so
-        transitions keep their order on Kafka and at most one chunk waits.
+        transitions keep their order on Kafka.
         """
         if previous is not None:
-            await previous
+            await previous  # done already (see _process_chunk): order, and errors, kept
         began = time.monotonic()
         await self.sink.flush()
         flushed_at = time.monotonic()
@@ -569,13 +574,21 @@ class BatchProcessor:
         recovered: list[tuple[int, str]] = []
         wall = time.time()
         for partition in partitions:
-            entries = await self._retrying("outbox", partial(self.store.outbox, partition))
+            entries = await self._retrying(
+                "outbox", partial(self.store.outbox, partition, set(self._in_flight))
+            )
             for token, payload in entries.items():
                 if token in self._in_flight:
                     continue
                 doc = orjson.loads(payload)
                 if wall - float(doc["at"]) < RECOVER_AFTER_SECONDS:
                     continue  # may still be on its way out from another worker
+                # Writing out the entries before this one gave this process's own
+                # write-out time to finish one fetched while in flight: look again.
+                if token in self._in_flight or not await self._retrying(
+                    "outbox", partial(self.store.outbox_holds, partition, token)
+                ):
+                    continue
                 self.sink.add_rows(decode_rows(doc["rows"]))
                 await self.sink.flush()
                 await self._publish(

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -438,15 +438,29 @@ class RedisStore:
         )
         return [int(i) - 1 for i in conflicts]
 
-    async def outbox(self, partition: int) -> dict[str, bytes]:
-        """Entries of a partition's outbox: token -> payload."""
-        entries = await self.redis.hgetall(outbox_key(partition))
+    async def outbox(self, partition: int, skip: Collection[str] = ()) -> dict[str, bytes]:
+        """Entries of a partition's outbox: token -> payload, those in ``skip`` left unread.
+
+        The worker calls this every sweep while its own entries (a chunk's rows, a
+        few hundred KB) are in flight; reading only the others keeps that cheap.
+        """
+        key = outbox_key(partition)
+        tokens = [
+            t.decode() if isinstance(t, bytes) else str(t) for t in await self.redis.hkeys(key)
+        ]
+        wanted = [t for t in tokens if t not in skip]
+        if not wanted:
+            return {}
+        values = await self.redis.hmget(key, wanted)
         return {
-            (k.decode() if isinstance(k, bytes) else str(k)): (
-                v if isinstance(v, bytes) else str(v).encode()
-            )
-            for k, v in entries.items()
+            t: v if isinstance(v, bytes) else str(v).encode()
+            for t, v in zip(wanted, values, strict=True)
+            if v is not None
         }
+
+    async def outbox_holds(self, partition: int, token: str) -> bool:
+        """Whether the entry is still owed (nobody has written it out and forgotten it)."""
+        return bool(await self.redis.hexists(outbox_key(partition), token))
 
     async def outbox_done(self, entries: Iterable[tuple[int, str]]) -> None:
         """Forget outbox entries whose rows and messages are out."""
