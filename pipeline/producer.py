@@ -135,13 +135,13 @@ async def _ticking(
         async for record in _aiter(records):
             yield record
         return
-    queue: asyncio.Queue[Record | BaseException | None] = asyncio.Queue(maxsize=1000)
+    queue: asyncio.Queue[Record | Exception | None] = asyncio.Queue(maxsize=1000)
 
     async def pump() -> None:
         try:
             async for record in records:
                 await queue.put(record)
-        except BaseException as exc:  # handed to the reader, which raises it
+        except Exception as exc:  # handed to the reader, which raises it (not cancellation)
             await queue.put(exc)
             return
         await queue.put(None)
@@ -156,7 +156,7 @@ async def _ticking(
                 continue
             if item is None:
                 return
-            if isinstance(item, BaseException):
+            if isinstance(item, Exception):
                 raise item
             yield item
     finally:
