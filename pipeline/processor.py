@@ -236,8 +236,9 @@ class BatchProcessor:
 
         A message may be an envelope of many events: chunking keeps one Redis
         script call and one ClickHouse insert to a bounded size whatever the
-        messages hold. A chunk is fully applied before the next is decoded, and
-        the caller commits offsets only after the last one.
+        messages hold. A chunk's state is committed before the next one is
+        applied; its rows and messages go out meanwhile. This returns, and the
+        caller commits offsets, only once the last chunk is out.
         """
         result = BatchResult()
         chunk: list[_Item] = []
