@@ -105,3 +105,15 @@ BfafGvspTX4OKMpZ0g64/ag7lOoO1hyIcrZGAiBppqz61JukoT1ZDdaBAoJLyaWr
 Kw3lgQO2zKJE5Q4QYA==
 -----END CERTIFICATE-----
 """
+
+
+@pytest.mark.parametrize("value", ["0", "1001", "-5"])
+def test_collector_envelope_out_of_range_names_the_variable(value: str) -> None:
+    with pytest.raises(SettingsError, match="JOURNEY_COLLECTOR_ENVELOPE"):
+        Settings.from_env({"JOURNEY_COLLECTOR_ENVELOPE": value})
+
+
+def test_collector_envelope_round_trips() -> None:
+    settings = Settings.from_env({"JOURNEY_COLLECTOR_ENVELOPE": "1"})
+    assert settings.collector_envelope == 1
+    assert Settings.from_env(settings.to_env()) == settings
