@@ -92,8 +92,8 @@ from throughput import TopicStats, records, total, worker
 
 from pipeline.embedded import Service, create_topics, start_kafka, start_redis
 from pipeline.events import Event, Validator
-from pipeline.identity import routing_key
 from pipeline.producer import produce_batches
+from pipeline.send import line_key
 from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,19 +161,6 @@ class Mix:
         }
 
 
-def send_key(raw: bytes) -> bytes | None:
-    """The key `journey send` gives a line: the usable customer id, else the device id."""
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(doc, dict):
-        return None
-    ids = [doc.get(name) for name in ("customer_id", "anonymous_id")]
-    key = routing_key(*(v if isinstance(v, str) else None for v in ids))
-    return None if key is None else key.encode()
-
-
 def fresh_copy(raw: bytes, copy: int, validator: Validator, now: float) -> bytes:
     """A valid case with a new event id (``h-`` → ``h-<copy>-``) if it stays valid, else as is.
 
@@ -229,7 +216,7 @@ def mixed(
                 as_stored = raw.decode("utf-8", errors="backslashreplace")
                 mix.rejected[(as_stored, case.code)] += 1
             copies[case.name] += 1
-            drawn.append((send_key(raw), raw))
+            drawn.append((line_key(raw)[0], raw))
     mix.cases = copies
 
     burst = worker_test.flood(now - 3590)[:flood]
@@ -242,7 +229,7 @@ def mixed(
     goods, bad = iter(good), iter(drawn)
     stream = [next(bad) if i in slots else next(goods) for i in range(len(good) + len(drawn))]
     middle = len(stream) // 2
-    stream[middle:middle] = [(send_key(raw), raw) for raw in burst]
+    stream[middle:middle] = [(line_key(raw)[0], raw) for raw in burst]
     mix.messages = stream
     mix.hostile_bytes = sum(len(raw) for _, raw in drawn) + sum(len(raw) for raw in burst)
     return mix

@@ -64,6 +64,21 @@ def encode(events: list[bytes]) -> bytes:
     return _HEAD + b",".join(events) + _TAIL
 
 
+def unpack(value: bytes) -> list[bytes] | None:
+    """The events of an envelope as compact JSON, in order; None when ``value`` is not one.
+
+    For readers of journey.events other than the worker (tools, tests). The worker
+    uses ``Validator.decode_message``, which also says why a bad envelope is refused.
+    """
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not (isinstance(doc, dict) and "envelope" in doc and isinstance(doc.get("events"), list)):
+        return None
+    return [orjson.dumps(event) for event in doc["events"]]
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """A message to send: to ``partition`` (None: let the key decide), holding ``events`` events."""

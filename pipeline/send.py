@@ -29,7 +29,7 @@ class SendSummary:
     bytes: int = 0  # payload bytes read from the non-blank lines
 
 
-def _key(raw: bytes) -> tuple[bytes | None, bool]:
+def line_key(raw: bytes) -> tuple[bytes | None, bool]:
     """The partition key of a line (customer_id, else anonymous_id) and whether it parsed.
 
     Placeholder ids ("null", "0"...) are skipped, as the worker skips them.
@@ -52,7 +52,7 @@ def _iter_lines(path: str | Path) -> Iterator[tuple[bytes | None, bytes, bool]]:
             raw = line.removesuffix(b"\n").removesuffix(b"\r")
             if not raw.strip():
                 continue
-            key, parsed = _key(raw)
+            key, parsed = line_key(raw)
             yield key, raw, parsed
 
 

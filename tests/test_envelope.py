@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from pipeline.envelope import Outgoing, Packer, encode, packable, partition_for
+from pipeline.envelope import Outgoing, Packer, encode, packable, partition_for, unpack
 from pipeline.events import (
     ENVELOPE_RESOURCE,
     MAX_ENVELOPE_BYTES,
@@ -185,3 +185,10 @@ def test_an_item_too_deep_to_write_back_is_refused_with_the_whole_envelope() -> 
     assert isinstance(second, Rejection)
     assert (second.code, second.raw) == ("schema", raw)
     assert "events[1]" in second.reason
+
+
+def test_unpack_is_encode_backwards_and_none_for_anything_else() -> None:
+    events = [orjson.dumps(base(NOW, "u-1")), orjson.dumps(base(NOW, "u-2"))]
+    assert unpack(encode(events)) == events
+    for other in (events[0], b"not json", b"[1]", b'{"envelope": 1, "events": {}}'):
+        assert unpack(other) is None

@@ -13,8 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from pipeline.embedded import Service, create_topics
-from pipeline.envelope import partition_for
-from pipeline.events import Validator
+from pipeline.envelope import partition_for, unpack
 from pipeline.producer import bootstrap_servers, produce_batches
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
@@ -32,7 +31,6 @@ async def _read(url: str, topic: str, until: int, timeout: float = 60) -> list[t
         group_id=None,
     )
     await consumer.start()
-    validator = Validator()
     out: list[tuple[int, bytes]] = []
     deadline = time.monotonic() + timeout
     try:
@@ -40,12 +38,8 @@ async def _read(url: str, topic: str, until: int, timeout: float = 60) -> list[t
             for tp, records in (await consumer.getmany(timeout_ms=500)).items():
                 for r in records:
                     assert r.value is not None
-                    for index, _ in validator.decode_message(r.value):
-                        if index is None:
-                            out.append((tp.partition, r.value))
-                        else:
-                            doc = orjson.loads(r.value)["events"][index]
-                            out.append((tp.partition, orjson.dumps(doc)))
+                    events = unpack(r.value)
+                    out.extend((tp.partition, e) for e in (events or [r.value]))
     finally:
         await consumer.stop()
     return out

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from pipeline.collector.app import Collector
 from pipeline.collector.keys import hash_key, load_keys
 from pipeline.embedded import Service, create_topics, start_kafka
-from pipeline.envelope import partition_for
+from pipeline.envelope import partition_for, unpack
 from pipeline.events import Event, Validator
 from pipeline.settings import EVENTS_TOPIC, Settings
 
@@ -100,13 +100,10 @@ class Record:
 
 
 def opened(value: bytes, key: bytes | None, partition: int) -> list[Record]:
-    try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError:
+    events = unpack(value)
+    if events is None:
         return [Record(value, key, partition, False)]
-    if isinstance(doc, dict) and "envelope" in doc:
-        return [Record(orjson.dumps(e), None, partition, True) for e in doc["events"]]
-    return [Record(value, key, partition, False)]
+    return [Record(e, None, partition, True) for e in events]
 
 
 async def records(

@@ -8,7 +8,7 @@ from collections import Counter
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from pipeline.envelope import partition_for
+from pipeline.envelope import partition_for, unpack
 from pipeline.events import Event, Validator
 from pipeline.identity import routing_key
 from pipeline.producer import bootstrap_servers
@@ -50,17 +50,15 @@ async def read_all(url: str, topic: str, expected: int, timeout: float = 90) -> 
 
 
 def _opened(key: bytes | None, value: bytes, partition: int, partitions: int) -> list[Record]:
-    try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return [(key, value)]
-    if not (isinstance(doc, dict) and "envelope" in doc):
+    events = unpack(value)
+    if events is None:
         return [(key, value)]
     out: list[Record] = []
-    for event in doc["events"]:
+    for raw in events:
+        event = orjson.loads(raw)
         routing = (routing_key(event.get("customer_id"), event.get("anonymous_id")) or "").encode()
         placed = bool(routing) and partition_for(routing, partitions) == partition
-        out.append((routing if placed else None, orjson.dumps(event)))
+        out.append((routing if placed else None, raw))
     return out
 
 

@@ -8,13 +8,9 @@ and cutting it takes the broker away without losing Tansu's in-memory topics.
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -24,7 +20,7 @@ from pipeline.health import Health
 from pipeline.kafka_probe import PROBE_INTERVAL_SECONDS, PROBE_TIMEOUT_SECONDS, KafkaProbe
 from pipeline.settings import EVENTS_TOPIC, REJECTED_TOPIC, TRANSITIONS_TOPIC, Settings
 from tests.integration.netcut import Forwarder
-from tests.integration.workers import WorkerProcess, total, wait_until
+from tests.integration.workers import WorkerProcess, health, total, wait_until
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 
@@ -45,16 +41,6 @@ def cut_broker(tmp_path: Path) -> Iterator[tuple[Forwarder, Service]]:
             yield forwarder, kafka
     finally:
         forwarder.close()
-
-
-def health(port: int) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-    except OSError:  # the web server is not up yet
-        return 0, {}
 
 
 async def test_the_probe_asks_the_broker_every_time(

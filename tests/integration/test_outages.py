@@ -11,11 +11,8 @@ profiles, ClickHouse rows and metrics.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +34,7 @@ from tests.integration.workers import (
     WorkerProcess,
     assert_profiles,
     broker,
+    health,
     marks_and_owed,
     total,
     wait_until,
@@ -55,14 +53,6 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 def produce(url: str, events: list[dict[str, Any]]) -> None:
     records = [(key_of(e).encode(), orjson.dumps(e)) for e in events]
     assert asyncio.run(produce_batches(url, EVENTS_TOPIC, records)) == len(records)
-
-
-def health(port: int) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def rss_mib(pid: int) -> float:
