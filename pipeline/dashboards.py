@@ -1237,12 +1237,18 @@ def pipeline_health(w: RuleWindows) -> JSON:
     )
     b.add(
         timeseries(
-            "Event lag: event time → processed",
-            "How long after they happened events reach the journey state. A replay of old "
-            "events raises it too.",
+            "Event lag: event time → processed, → in ClickHouse",
+            "How long after they happened events reach the journey state (p50, p95, p99), "
+            "and their rows reach ClickHouse (p99 written: rows go out in large inserts "
+            "about once a second). A replay of old events raises both.",
             [
-                prom(quantile(q, "journey_event_lag_seconds"), f"p{round(q * 100)}", ref=_ref(i))
-                for i, q in enumerate((0.5, 0.95, 0.99))
+                *(
+                    prom(
+                        quantile(q, "journey_event_lag_seconds"), f"p{round(q * 100)}", ref=_ref(i)
+                    )
+                    for i, q in enumerate((0.5, 0.95, 0.99))
+                ),
+                prom(quantile(0.99, "journey_written_lag_seconds"), "p99 written", ref=_ref(3)),
             ],
             unit="s",
         ),

@@ -180,7 +180,16 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.lag = Histogram(
-            "journey_event_lag_seconds", "Event time to processed", buckets=LAG_BUCKETS, registry=r
+            "journey_event_lag_seconds",
+            "Event time to processed (its state committed to Redis, counted in the metrics)",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.written_lag = Histogram(
+            "journey_written_lag_seconds",
+            "Event time to its rows in ClickHouse and its transitions on Kafka",
+            buckets=LAG_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "journey_batch_size",

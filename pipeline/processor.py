@@ -8,10 +8,8 @@ consumer (and by tests).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -43,15 +41,16 @@ from pipeline.metrics import Metrics
 from pipeline.settings import REJECTED_TOPIC, TRANSITIONS_TOPIC
 from pipeline.sinks.clickhouse import (
     ClickHouseSink,
-    decode_rows,
     event_row,
     feedback_row,
+    from_outbox,
     handoff_row,
     rejected_row,
     transition_row,
 )
 from pipeline.stages import DWELL_KINDS, Profile, Transition, next_deadline
-from pipeline.state.redis_store import Commit, Guarded, Loaded, RedisStore, Write
+from pipeline.state.redis_store import Commit, Group, Guarded, Loaded, RedisStore, Write
+from pipeline.writeout import OutMessage, Owed, WriteOut
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +131,6 @@ def position(partition: int, offset: int, item: int | None = None) -> str:
     return f"{partition}:{offset}" if item is None else f"{partition}:{offset}:{item}"
 
 
-# (topic, key, value) for Kafka
-OutMessage = tuple[str, bytes | None, bytes]
 Publisher = Callable[[Sequence[OutMessage]], Awaitable[None]]
 
 
@@ -209,14 +206,14 @@ class BatchProcessor:
         publish: Publisher = _publish_nowhere,
         health: Health | None = None,
         max_events: int = 1000,
+        flush_seconds: float = 1.0,
+        flush_rows: int = 50_000,
     ) -> None:
         self.publish = publish
-        # Events per Redis script call and ClickHouse insert (JOURNEY_BATCH_SIZE).
+        # Events per Redis script call (JOURNEY_BATCH_SIZE).
         self.max_events = max_events
-        # The last committed chunk still being written out (ClickHouse, Kafka).
-        self._writing: asyncio.Task[None] | None = None
         self.health = health or Health()
-        # Outbox entries of batches this process is still writing out.
+        # Outbox entries this process has committed (or is recovering) and not yet forgotten.
         self._in_flight: set[str] = set()
         self.retry_max_seconds = retry_max_seconds
         self.allowed_lateness_seconds = allowed_lateness_seconds
@@ -225,6 +222,8 @@ class BatchProcessor:
         self.store = store
         self.sink = sink
         self.metrics = metrics
+        self.writeout = WriteOut(sink, self._publish, self._done, flush_rows, flush_seconds)
+        self.writeout.written = self._written
         # Newest event time per partition seen by this process: only for
         # counting late events (the clock that drives drop-off is in Redis).
         self._newest: dict[int, float] = {}
@@ -235,10 +234,13 @@ class BatchProcessor:
         """Apply a batch of messages, in chunks of at most ``max_events`` events.
 
         A message may be an envelope of many events: chunking keeps one Redis
-        script call and one ClickHouse insert to a bounded size whatever the
-        messages hold. A chunk's state is committed before the next one is
-        applied; its rows and messages go out meanwhile. This returns, and the
-        caller commits offsets, only once the last chunk is out.
+        script call to a bounded size whatever the messages hold. Each chunk's
+        state is committed, with an outbox entry holding what it owes ClickHouse
+        and Kafka, before the next is applied; those rows and messages then go
+        out with other chunks' (pipeline/writeout.py), so this returns once the
+        state is in Redis, and offsets may be committed then: a crash before the
+        rows are out leaves them in the outbox for ``recover``. ``drain`` waits
+        for them.
         """
         result = BatchResult()
         chunk: list[_Item] = []
@@ -254,10 +256,11 @@ class BatchProcessor:
                 now = time.time()
         if chunk:
             await self._process_chunk(chunk, result, started, now)
-        writing, self._writing = self._writing, None
-        if writing is not None:
-            await writing  # offsets are committed after this returns: all must be out
         return result
+
+    async def drain(self) -> None:
+        """Write out everything committed so far; returns once it is in ClickHouse and Kafka."""
+        await self.writeout.drain()
 
     async def _process_chunk(
         self, items: list[_Item], result: BatchResult, started: float, now: float
@@ -293,11 +296,6 @@ class BatchProcessor:
             (REJECTED_TOPIC, None, rejected_message(i.message, i.rejection, now, i.index))
             for i in rejected
         ]
-        own: tuple[int, str, bytes] | None = None
-        if rejected:
-            token = uuid.uuid4().hex
-            payload = _payload(now, {"rejected": rejected_rows}, dead)
-            own = (rejected[0].message.partition, token, payload)
         guarded = [
             Guarded(
                 i.message.partition, i.message.offset, ledger.rejected(i.rejection.code), i.index
@@ -308,14 +306,12 @@ class BatchProcessor:
             Guarded(p.partition, p.offset, ledger.duplicate(p.event.channel), p.item)
             for p in repeated
         ]
-        outcome, applied, duplicates, tokens = await self._apply_to_state(
-            pending, now, own, guarded
+        home = items[0].message.partition
+        applied, duplicates, outcome, owed = await self._apply_to_state(
+            pending, now, home, guarded, rejected_rows, dead
         )
         stored_at = time.monotonic()
 
-        self.sink.add_events([event_row(p.event, now) for p in applied])
-        self._add_outcome(outcome)
-        self.sink.add_rejected(rejected_rows)
         result.transitions.extend(outcome.transitions)
         result.accepted += len(applied)
         result.duplicates += len(repeated) + len(duplicates)
@@ -324,86 +320,46 @@ class BatchProcessor:
         m.batch_size.observe(len(items))
         m.batch_seconds.labels("decode").observe(decoded_at - started)
         m.batch_seconds.labels("redis").observe(stored_at - decoded_at)
-        # The state is committed; its rows and messages go out while the next chunk is
-        # decoded and applied (process() waits for the last before it returns). At most
-        # one chunk is being written out: the previous one must be out before this one
-        # starts, so a slow ClickHouse or broker holds the worker back rather than
-        # letting committed chunks pile up in memory.
-        if self._writing is not None:
-            await self._writing
-        self._writing = asyncio.create_task(
-            self._write_out(
-                self._writing,
-                [*_transition_messages(outcome.transitions), *dead],
-                tokens,
-                applied,
-                outcome,
-                started,
-            )
-        )
-
-    async def _write_out(
-        self,
-        previous: asyncio.Task[None] | None,
-        messages: list[OutMessage],
-        tokens: list[tuple[int, str]],
-        applied: list[_Pending],
-        outcome: Outcome,
-        started: float,
-    ) -> None:
-        """A committed chunk's rows to ClickHouse and messages to Kafka, then forget its outbox.
-
-        One chunk at a time, in order: the previous chunk's are out first, so
-        transitions keep their order on Kafka.
-        """
-        if previous is not None:
-            await previous  # done already (see _process_chunk): order, and errors, kept
-        began = time.monotonic()
-        await self.sink.flush()
-        flushed_at = time.monotonic()
-        await self._publish(messages)
-        await self._done(tokens)
+        m.batch_seconds.labels("total").observe(stored_at - started)
+        m.last_batch.set(time.time())
         self._observe_events(applied)
         self.observe_outcome(outcome)
-        m = self.metrics
-        m.batch_seconds.labels("clickhouse").observe(flushed_at - began)
-        m.batch_seconds.labels("total").observe(time.monotonic() - started)
-        m.last_batch.set(time.time())
+        if owed is not None:
+            await self.writeout.add(owed)
 
     async def _apply_to_state(
         self,
         pending: list[_Pending],
         now: float,
-        own: tuple[int, str, bytes] | None,
+        home: int,
         guarded: list[Guarded],
-    ) -> tuple[Outcome, list[_Pending], list[Event], list[tuple[int, str]]]:
-        """Read, resolve, compute, compare-and-set; recompute the groups that raced.
+        rejected_rows: list[list[Any]],
+        dead: Sequence[OutMessage],
+    ) -> tuple[list[_Pending], list[Event], Outcome, Owed | None]:
+        """Read, resolve, compute, commit the chunk; on a conflict, all of it again.
 
-        Returns what was applied, the duplicates, and the outbox entries written
-        (to forget once their rows and messages are out). ``own`` is the batch's
-        own outbox entry (its dead letters) and ``guarded`` the tallies of its
-        messages that change no state, written with the first commit.
+        Returns what was applied, the duplicates, the outcome, and what the
+        commit owes ClickHouse and Kafka (None: nothing). ``guarded`` are the
+        tallies of messages that change no state (rejected, repeated in the
+        chunk); ``home`` is the partition the chunk's outbox entry and ledger
+        tally are filed under (any partition's owner recovers any entry).
         """
-        outcome = Outcome()
-        applied: list[_Pending] = []
-        duplicates: list[Event] = []
-        tokens: list[tuple[int, str]] = []
-        if own is not None:
-            self._in_flight.add(own[1])
-            tokens.append((own[0], own[1]))
-        while pending or own is not None or guarded:
+        while True:
             named = [r for p in pending for r in _refs_named(p.event)]
             ids = [p.event.event_id for p in pending]
             loaded, seen = await self._retrying("load", partial(self.store.load, named, ids))
             # A message that finds its own position in the mark was applied before a
             # crash or restart (its offset was not committed yet): skip it, uncounted.
             fresh = [p for p in pending if p.event.event_id not in seen]
-            for p in pending:
-                if p.event.event_id in seen and seen[p.event.event_id] != p.position:
-                    duplicates.append(p.event)
-                    guarded.append(
-                        Guarded(p.partition, p.offset, ledger.duplicate(p.event.channel), p.item)
-                    )
+            duplicates = [
+                p
+                for p in pending
+                if p.event.event_id in seen and seen[p.event.event_id] != p.position
+            ]
+            tallies = guarded + [
+                Guarded(p.partition, p.offset, ledger.duplicate(p.event.channel), p.item)
+                for p in duplicates
+            ]
             links = {
                 ref.id: lo.slot.linked_to
                 for ref, lo in loaded.items()
@@ -415,46 +371,56 @@ class BatchProcessor:
                 more, _ = await self._retrying("load", partial(self.store.load, missing))
                 loaded.update(more)
 
-            commits: list[Commit] = []
-            computed: list[tuple[list[_Pending], Outcome]] = []
+            outcome = Outcome()
+            groups_: list[Group] = []
             for indexes in groups(resolution.events):
                 items = [(fresh[i], resolution.events[i]) for i in indexes]
-                group_outcome, commit = self._compute(items, loaded, now)
-                commits.append(commit)
-                computed.append(([p for p, _ in items], group_outcome))
-                self._in_flight.add(commit.token)
+                groups_.append(self._compute(items, loaded, outcome))
             clocks: dict[int, float] = {}
             for p in fresh:
                 arrived = p.received_at if p.received_at is not None else time.time()
                 ts = min(p.event.ts, arrived + CLOCK_SKEW_SECONDS)
                 clocks[p.partition] = max(clocks.get(p.partition, ts), ts)
-            conflicts = set(
-                await self._retrying(
-                    "commit", partial(self.store.commit, commits, clocks, own, list(guarded))
-                )
+            rows = {
+                "events": [event_row(p.event, now) for p in fresh],
+                **_outcome_rows(outcome),
+                "rejected": rejected_rows,
+            }
+            messages = [*_transition_messages(outcome.transitions), *dead]
+            payload = _payload(now, rows, messages) if any(rows.values()) or messages else None
+            tally = ledger.accepted(p.event.channel for p in fresh) + ledger.outcome(outcome)
+            commit = Commit(
+                groups_,
+                outbox=None if payload is None else (home, payload),
+                tally={home: tally},
+                clocks=clocks,
+                guarded=tallies,
             )
-            own = None
-            guarded = []
-            retry: list[_Pending] = []
-            for i, (members, group_outcome) in enumerate(computed):
-                if i in conflicts:
-                    self._in_flight.discard(commits[i].token)
-                    retry.extend(members)
-                    continue
-                applied.extend(members)
-                _extend(outcome, group_outcome)
-                if commits[i].outbox is not None:
-                    tokens.append((members[0].partition, commits[i].token))
-            if conflicts:
-                self.metrics.cas_conflicts.inc(len(conflicts))
-                log.info("%d groups of profiles changed concurrently; recomputing", len(conflicts))
-            retry_ids = {id(p) for p in retry}
-            pending = [p for p in fresh if id(p) in retry_ids]
-        return outcome, applied, duplicates, tokens
+            self._in_flight.add(commit.token)
+            conflicts = await self._retrying("commit", partial(self.store.commit, commit))
+            if not conflicts:
+                owed = None
+                if payload is not None:
+                    owed = Owed(
+                        rows,
+                        messages,
+                        (home, commit.token),
+                        [p.event.ts for p in fresh],
+                    )
+                else:
+                    self._in_flight.discard(commit.token)
+                return fresh, [p.event for p in duplicates], outcome, owed
+            self._in_flight.discard(commit.token)
+            self.metrics.cas_conflicts.inc(len(conflicts))
+            log.info(
+                "%d groups of profiles changed concurrently; recomputing their chunk",
+                len(conflicts),
+            )
 
     def _compute(
-        self, items: list[tuple[_Pending, Resolved]], loaded: dict[Ref, Loaded], now: float
-    ) -> tuple[Outcome, Commit]:
+        self, items: list[tuple[_Pending, Resolved]], loaded: dict[Ref, Loaded], into: Outcome
+    ) -> Group:
+        """One group's events on the profiles they reach; its records are added to ``into``."""
         refs = {r.target for _, r in items} | {r.absorb for _, r in items if r.absorb}
         slots = {ref: Slot(loaded[ref].slot.profile, loaded[ref].slot.linked_to) for ref in refs}
         home_if_new: dict[Ref, int] = {}
@@ -472,16 +438,9 @@ class BatchProcessor:
                     r.target.id,
                 )
         out = engine.run_events(slots, [(p.event, r) for p, r in items], self.journeys)
+        _extend(into, out)
         writes = writes_for(loaded, slots, out.changed, home_if_new, self.journeys)
-        rows = {**_outcome_rows(out), "events": [event_row(p.event, now) for p, _ in items]}
-        payload = _payload(now, rows, _transition_messages(out.transitions))
-        tally = ledger.accepted(p.event.channel for p, _ in items) + ledger.outcome(out)
-        return out, Commit(
-            writes,
-            {p.event.event_id: p.position for p, _ in items},
-            outbox=(items[0][0].partition, payload),
-            tally=(items[0][0].partition, tally),
-        )
+        return Group(writes, {p.event.event_id: p.position for p, _ in items})
 
     def _first_claim_warning(self, anonymous_id: str | None) -> bool:
         """True the first time (within the last 10,000 devices) a device's claim is refused."""
@@ -504,7 +463,8 @@ class BatchProcessor:
         newest event arrived: a partition with a backlog (after a restart, or
         while a sink is down) must not drop customers whose next event is
         still waiting. A profile that changed meanwhile is left for the next
-        sweep (compare-and-set).
+        sweep (compare-and-set). The drops' rows and messages go out with the
+        write-out, as a chunk's do.
         """
         parts = list(partitions)
         if not parts:
@@ -513,7 +473,6 @@ class BatchProcessor:
         server_now = await self._retrying("time", self.store.server_time)
         clocks = await self._retrying("clocks", partial(self.store.clocks, parts))
         outcome = Outcome()
-        tokens: list[tuple[int, str]] = []
         for partition, clock in clocks.items():
             now = clock.now(server_now) if partition in idle else clock.newest
             watermark = now - self.allowed_lateness_seconds
@@ -523,44 +482,38 @@ class BatchProcessor:
             if not refs:
                 continue
             loaded, _ = await self._retrying("load", partial(self.store.load, refs))
-            commits: list[Commit] = []
-            results: list[list[Transition]] = []
-            wall = time.time()
+            steps: list[tuple[Group, list[Transition]]] = []
             for ref in refs:
                 slots = {ref: Slot(loaded[ref].slot.profile, loaded[ref].slot.linked_to)}
                 dropped = engine.sweep(slots, [ref], self.journeys, watermark)
                 writes = writes_for(loaded, slots, [ref], {ref: partition}, self.journeys)
-                payload = _payload(
-                    wall,
-                    {"transitions": [transition_row(t) for t in dropped]},
-                    _transition_messages(dropped),
-                )
+                steps.append((Group(writes), dropped))
+            while steps:
+                dropped = [t for _, ts in steps for t in ts]
+                rows = {"transitions": [transition_row(t) for t in dropped]}
+                messages = _transition_messages(dropped)
+                wall = time.time()
                 commit = Commit(
-                    writes,
-                    outbox=(partition, payload) if dropped else None,
-                    tally=(partition, ledger.outcome(Outcome(transitions=dropped))),
+                    [g for g, _ in steps],
+                    outbox=(partition, _payload(wall, rows, messages)) if dropped else None,
+                    tally={partition: ledger.outcome(Outcome(transitions=dropped))},
                 )
                 self._in_flight.add(commit.token)
-                commits.append(commit)
-                results.append(dropped)
-            conflicts = set(await self._retrying("commit", partial(self.store.commit, commits)))
-            for i, dropped in enumerate(results):
-                if i in conflicts:
-                    self._in_flight.discard(commits[i].token)
+                conflicts = set(await self._retrying("commit", partial(self.store.commit, commit)))
+                if conflicts:
+                    # Changed since read: those are left for the next sweep, the rest retried.
+                    self._in_flight.discard(commit.token)
+                    steps = [s for i, s in enumerate(steps) if i not in conflicts]
                     continue
                 outcome.transitions.extend(dropped)
-                if commits[i].outbox is not None:
-                    tokens.append((partition, commits[i].token))
+                if dropped:
+                    await self.writeout.add(Owed(rows, messages, (partition, commit.token)))
                 else:
-                    self._in_flight.discard(commits[i].token)
+                    self._in_flight.discard(commit.token)
+                break
         if clocks:
             self.metrics.event_clock.set(max(c.now(server_now) for c in clocks.values()))
-        if outcome.transitions:
-            self._add_outcome(outcome)
-            await self.sink.flush()
-            await self._publish(_transition_messages(outcome.transitions))
-            self.observe_outcome(outcome)
-        await self._done(tokens)
+        self.observe_outcome(outcome)
         self.metrics.sweep_seconds.observe(time.monotonic() - started)
         return outcome.transitions
 
@@ -570,7 +523,7 @@ class BatchProcessor:
         Its state was committed with the outbox entry, so its rows and messages
         are owed: ClickHouse collapses rows already there (ReplacingMergeTree),
         and a transition or dead letter may reach Kafka twice. Returns how many
-        entries were written out.
+        entries were written out (this waits until they are).
         """
         recovered: list[tuple[int, str]] = []
         wall = time.time()
@@ -584,23 +537,23 @@ class BatchProcessor:
                 doc = orjson.loads(payload)
                 if wall - float(doc["at"]) < RECOVER_AFTER_SECONDS:
                     continue  # may still be on its way out from another worker
-                # Writing out the entries before this one gave this process's own
-                # write-out time to finish one fetched while in flight: look again.
+                # Entries before this one may have let this process's own write-out
+                # finish (and forget) one fetched while in flight: look again.
                 if token in self._in_flight or not await self._retrying(
                     "outbox", partial(self.store.outbox_holds, partition, token)
                 ):
                     continue
-                self.sink.add_rows(decode_rows(doc["rows"]))
-                await self.sink.flush()
-                await self._publish(
-                    [
-                        (topic, None if key is None else key.encode(), value.encode())
-                        for topic, key, value in doc["messages"]
-                    ]
+                self._in_flight.add(token)
+                messages = [
+                    (topic, None if key is None else key.encode(), value.encode())
+                    for topic, key, value in doc["messages"]
+                ]
+                await self.writeout.add(
+                    Owed(from_outbox(doc["rows"]), messages, (partition, token))
                 )
                 recovered.append((partition, token))
         if recovered:
-            await self._retrying("outbox", partial(self.store.outbox_done, recovered))
+            await self.writeout.drain()
             self.metrics.outbox_recovered.inc(len(recovered))
             log.warning(
                 "wrote out %d batches left unfinished by a stopped worker (partitions %s)",
@@ -635,8 +588,13 @@ class BatchProcessor:
         for _, token in tokens:
             self._in_flight.discard(token)
 
-    def _add_outcome(self, outcome: Outcome) -> None:
-        self.sink.add_rows(_outcome_rows(outcome))
+    def _written(self, owed: Sequence[Owed], seconds: float) -> None:
+        m = self.metrics
+        m.batch_seconds.labels("clickhouse").observe(seconds)
+        now = time.time()
+        for o in owed:
+            for ts in o.event_times:
+                m.written_lag.observe(max(0.0, now - ts))
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[R]]) -> R:
         """Retry a Redis call until it succeeds: the agent waits, so consumption stops."""
@@ -658,7 +616,7 @@ class BatchProcessor:
         raise AssertionError("unreachable")
 
     def _observe_events(self, applied: list[_Pending]) -> None:
-        """This process's view of its events: lag, lateness. Counts are in the ledger."""
+        """This process's view of its committed events: lag, lateness. Counts are in the ledger."""
         m = self.metrics
         now = time.time()
         # In Kafka order: ``applied`` is in customer-group order, in which a customer's

@@ -148,6 +148,11 @@ class Settings:
     # One take() batch: up to this many events, or whatever arrived within batch_seconds.
     batch_size: int = 1000
     batch_seconds: float = 0.25
+    # Committed chunks' rows go to ClickHouse (and their transitions to Kafka) together:
+    # once this long has passed since the oldest waiting chunk, or once this many rows
+    # wait. An insert costs ~15 ms whatever its size, and ClickHouse wants few large ones.
+    flush_seconds: float = 1.0
+    flush_rows: int = 50_000
     # How long an event id is remembered for duplicate detection (7 days: longer
     # than any producer retry or replay window we expect).
     dedupe_ttl_seconds: int = 7 * 24 * 3600
@@ -191,6 +196,11 @@ class Settings:
     collector_ack_timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:
+        if not self.flush_seconds > 0 or self.flush_rows < 1:
+            raise SettingsError(
+                f"JOURNEY_FLUSH_SECONDS={self.flush_seconds}, JOURNEY_FLUSH_ROWS={self.flush_rows}:"
+                " both must be above 0 (how long, and how many rows, a write to ClickHouse waits)"
+            )
         if not 1 <= self.collector_envelope <= MAX_ENVELOPE_EVENTS:
             raise SettingsError(
                 f"JOURNEY_COLLECTOR_ENVELOPE={self.collector_envelope}: use 1 to "
@@ -215,6 +225,8 @@ class Settings:
             app_id=env.get("JOURNEY_APP_ID", cls.app_id),
             batch_size=_int(env, "JOURNEY_BATCH_SIZE", cls.batch_size),
             batch_seconds=_float(env, "JOURNEY_BATCH_SECONDS", cls.batch_seconds),
+            flush_seconds=_float(env, "JOURNEY_FLUSH_SECONDS", cls.flush_seconds),
+            flush_rows=_int(env, "JOURNEY_FLUSH_ROWS", cls.flush_rows),
             dedupe_ttl_seconds=_int(env, "JOURNEY_DEDUPE_TTL_SECONDS", cls.dedupe_ttl_seconds),
             retry_max_seconds=_float(env, "JOURNEY_RETRY_MAX_SECONDS", cls.retry_max_seconds),
             allowed_lateness_seconds=_float(
@@ -264,6 +276,8 @@ class Settings:
             "JOURNEY_APP_ID": self.app_id,
             "JOURNEY_BATCH_SIZE": str(self.batch_size),
             "JOURNEY_BATCH_SECONDS": str(self.batch_seconds),
+            "JOURNEY_FLUSH_SECONDS": str(self.flush_seconds),
+            "JOURNEY_FLUSH_ROWS": str(self.flush_rows),
             "JOURNEY_DEDUPE_TTL_SECONDS": str(self.dedupe_ttl_seconds),
             "JOURNEY_RETRY_MAX_SECONDS": str(self.retry_max_seconds),
             "JOURNEY_ALLOWED_LATENESS_SECONDS": str(self.allowed_lateness_seconds),

@@ -9,6 +9,7 @@ in flight (faust-streaming #606).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from pipeline.health import Health
 from pipeline.journeys import Journey, load_journeys
 from pipeline.kafka_probe import KafkaProbe, KafkaProbeService
 from pipeline.metrics import Metrics
-from pipeline.processor import BatchProcessor, OutMessage, RawMessage
+from pipeline.processor import BatchProcessor, RawMessage
 from pipeline.producer import ssl_context
 from pipeline.report import (
     REPORT_END,
@@ -47,10 +48,15 @@ from pipeline.settings import (
 )
 from pipeline.sinks.clickhouse import ClickHouseSink
 from pipeline.state.redis_store import RedisStore
+from pipeline.writeout import OutMessage
 
 log = logging.getLogger(__name__)
 
 GAUGE_REFRESH_SECONDS = 2.0
+# How long a scrape waits for the gauges' fresh values before answering with the last ones.
+SCRAPE_READ_TIMEOUT_SECONDS = 2.0
+# How long a rebalance or a shutdown waits for owed rows to be written out.
+DRAIN_TIMEOUT_SECONDS = 10.0
 
 
 class Runtime:
@@ -76,6 +82,8 @@ class Runtime:
             settings.allowed_lateness_seconds,
             health=self.health,
             max_events=settings.batch_size,
+            flush_seconds=settings.flush_seconds,
+            flush_rows=settings.flush_rows,
         )
         self.ready = asyncio.Event()
         self._starting = asyncio.Lock()
@@ -233,14 +241,40 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
             runtime.last_batch_at = time.time()
             yield None
 
+    async def drain(why: str) -> None:
+        """Write out what committed chunks owe, so a partition's next owner need not recover it.
+
+        Bounded: with ClickHouse or the broker down this would wait forever, and the
+        outbox entries are safe in Redis anyway (the next owner writes them out).
+        """
+        try:
+            await asyncio.wait_for(runtime.processor.drain(), DRAIN_TIMEOUT_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "%s: rows of committed batches still owed after %.0fs; they stay in the Redis "
+                "outbox and the partitions' next owner writes them out",
+                why,
+                DRAIN_TIMEOUT_SECONDS,
+            )
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        if runtime.ready.is_set():
+            await drain("partitions revoked")
+
+    @app.on_before_shutdown.connect
+    async def on_shutdown(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        if runtime.ready.is_set():
+            await drain("shutting down")
+
     def owned() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS_TOPIC}
 
-    @app.timer(GAUGE_REFRESH_SECONDS)  # type: ignore[untyped-decorator]
-    async def refresh_gauges() -> None:
+    async def read_gauges() -> None:
         """Population of the partitions owned now, and (owner of partition 0) the ledger totals.
 
-        Off the batch path: a few reads per tick.
+        Off the batch path: a few reads, on a timer and at each scrape, so what
+        /metrics shows is what Redis holds at that moment.
         """
         if not runtime.ready.is_set():
             return
@@ -260,6 +294,10 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
         runtime.metrics.ledger.totals = totals
         runtime.metrics.ledger.exporting = exporting
         runtime.metrics.consumer_lag.set(await _consumer_lag(app))
+
+    @app.timer(GAUGE_REFRESH_SECONDS)  # type: ignore[untyped-decorator]
+    async def refresh_gauges() -> None:
+        await read_gauges()
 
     @app.timer(settings.sweep_seconds)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
@@ -297,6 +335,9 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
     @app.page("/metrics")
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
+            # Fresh from Redis, within a bound: a scrape must answer even while Redis is away.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(read_gauges(), SCRAPE_READ_TIMEOUT_SECONDS)
             body = generate_latest(runtime.metrics.registry)
             # aiohttp refuses a charset inside content_type=, so pass the header whole.
             return self.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,13 +1,17 @@
-"""Live per-customer state in Redis, updated a whole batch at a time.
+"""Live per-customer state in Redis, updated a whole chunk of a batch at a time.
 
-A batch costs two or three round trips: one pipeline that reads every touched
-profile and duplicate mark (a second only when an anonymous id leads to a
-customer not read yet), and one Lua script that writes everything back. The
-script is a compare-and-set on each profile's version, so the pure engine
-runs in Python between the read and the write while per-customer updates stay
-atomic even if two workers briefly handle the same customer (a rebalance, or
-a device and its customer on different partitions). A group whose versions
-moved is reported back, re-read and recomputed.
+A chunk costs two or three round trips: one script call that reads every
+touched profile and duplicate mark (a second only when an anonymous id leads
+to a customer not read yet), and one that writes everything back. The write
+is a compare-and-set on each profile's version, so the pure engine runs in
+Python between the read and the write while per-customer updates stay atomic
+even if two workers briefly handle the same customer (a rebalance, or a
+device and its customer on different partitions). It is all or nothing: if
+any profile moved, nothing is written and the groups that raced are reported
+back, so the chunk is re-read and recomputed. That costs a whole chunk on a
+conflict, which only a rebalance or a cross-partition login makes, and lets
+everything else be summed per chunk: one outbox entry, one ledger tally, one
+increment per population count.
 
 Key layout (profiles hash-tagged on the profile, so a future Redis Cluster
 keeps one profile's keys in one slot):
@@ -16,6 +20,7 @@ keeps one profile's keys in one slot):
   ``v`` version, ``d`` profile JSON, ``h`` home partition (where its
   population and deadline are counted), ``l`` (devices only) the customer it
   was linked to; a linked device keeps ``v``/``h``/``l`` and loses ``d``.
+  (Profiles written before chunk commits also hold a ``t``, no longer read.)
 - ``jt:e:<event_id>``               duplicate mark, expires after the dedupe TTL.
   Event ids are unique across customers (DESIGN: the idempotency key), so the
   mark is global; under Redis Cluster it would sit in another slot than the
@@ -33,6 +38,8 @@ keeps one profile's keys in one slot):
 - ``jt:x:<partition>:<offset>[:<index>]``  a rejected or duplicate event
   already tallied (the index is its place in an envelope); expires after the
   dedupe TTL, as event marks do.
+- ``jt:outbox:<partition>``        hash: commit token → the rows and messages a
+  committed chunk still owes ClickHouse and Kafka (pipeline/writeout.py).
 - ``jt:partitions``                 set of every partition with keys above, so
   readers never SCAN the keyspace (millions of marks) to find them.
 
@@ -73,110 +80,114 @@ end
 return out
 """
 
-# KEYS: every key touched. ARGV[1]: JSON plan of groups (indexes into KEYS),
-# ARGV[2]: mark TTL, ARGV[3]: partition clocks [[key, newest event time], ...],
-# ARGV[4]: the batch's own outbox entry [key, field, ARGV index] or '', ARGV[5]:
-# guarded tallies [[message mark key, ledger key, [[field, n], ...]], ...] (a
-# rejected or duplicate message: tallied only if its mark was not set yet),
-# ARGV[6]: [registry key, [partition, ...]] the partitions this call touches,
-# ARGV[7..]: outbox payloads (kept out of the JSON plan so they are not escaped twice).
-# A group's tally ("x": [ledger key, [[field, n], ...]]) is added with its state.
-# A group's marks are [key, "<partition>:<offset>[:<index in envelope>]"]: a replayed event finds
-# its own position there and is known as already applied, not as a duplicate.
-# A group's outbox entry (its ClickHouse rows and Kafka messages) is written
-# with its state, and deleted once they are out: see pipeline/processor.py.
-# Absent JSON fields mean "none" (cjson turns null into a truthy userdata).
-# Returns the plan indexes of groups that raced: a version had moved, or one
-# of their events was marked meanwhile. Nothing is written for those. A group
-# whose profiles all carry its token already ran (the reply to an earlier try
-# of this same call was lost): it counts as applied, not as a conflict, so a
-# retry after a dropped connection does not turn the batch into duplicates.
-CAS_APPLY = """
-local plan = cjson.decode(ARGV[1])
-local ttl = tonumber(ARGV[2])
-local clocks = cjson.decode(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+# Arguments of one write in COMMIT's ARGV, in this order: the profile key's index in
+# KEYS, the version read, the home partition, the deadlines key's index, the sorted-set
+# member (the profile's ref), the profile data, the device's link, the deadline score
+# ('' for "none" in the last three).
+WRITE_ARGS = 8
+
+# KEYS: every key touched. ARGV[1]: a small JSON head: "ttl" (mark TTL), "g" (per
+# group: how many writes, how many marks, flattened), "c" ([[key, field, n], ...]:
+# the population counts and ledger tallies of the whole commit, summed), "q"
+# (guarded tallies [[message mark key, ledger key, [[field, n], ...]], ...]: a
+# rejected or duplicate message, tallied only if its mark was not set yet), "k"
+# (partition clocks [[key, newest event time], ...]), "p" ([registry key,
+# [partition, ...]]), "o" ([outbox key, token]; absent: no outbox entry). Then each
+# group's writes (WRITE_ARGS each) and marks ([key, "<partition>:<offset>[:<index>]"]
+# each), and last the outbox payload, kept out of the JSON so it is not escaped twice.
+#
+# All or nothing: if any group finds a version moved or one of its events marked
+# meanwhile, nothing is written and the indexes of those groups are returned, to be
+# re-read and recomputed. A commit whose outbox entry is already there ran before
+# (the reply to an earlier try of this same call was lost): it counts as applied, so
+# a retry after a dropped connection does not turn the chunk into duplicates. The
+# outbox entry (the chunk's ClickHouse rows and Kafka messages) is written with the
+# state and deleted once they are out: see pipeline/writeout.py.
+COMMIT = """
+local head = cjson.decode(ARGV[1])
+if head.o and redis.call('HEXISTS', KEYS[head.o[1]], head.o[2]) == 1 then
+  return {}
+end
+local W = 8
+local g = head.g
 local conflicts = {}
-for i, g in ipairs(plan) do
+local i = 2
+for n = 1, #g / 2 do
   local clean = true
-  local applied = #g.w > 0
-  for _, w in ipairs(g.w) do
-    local current = redis.call('HMGET', KEYS[w.k], 'v', 't')
-    if tonumber(current[1] or '0') ~= w.v then
+  for _ = 1, g[2 * n - 1] do
+    local v = redis.call('HGET', KEYS[tonumber(ARGV[i])], 'v')
+    if tonumber(v or '0') ~= tonumber(ARGV[i + 1]) then
       clean = false
     end
-    if current[2] ~= g.t then
-      applied = false
-    end
+    i = i + W
   end
-  if clean then
-    for _, m in ipairs(g.m) do
-      if redis.call('EXISTS', KEYS[m[1]]) == 1 then
-        clean = false
-      end
+  for _ = 1, g[2 * n] do
+    if clean and redis.call('EXISTS', KEYS[tonumber(ARGV[i])]) == 1 then
+      clean = false
     end
+    i = i + 2
   end
   if not clean then
-    if not applied then
-      table.insert(conflicts, i)
-    end
-  else
-    for _, w in ipairs(g.w) do
-      local key = KEYS[w.k]
-      redis.call('HSET', key, 'v', w.v + 1, 'h', w.h, 't', g.t)
-      if w.d then
-        redis.call('HSET', key, 'd', w.d)
-      else
-        redis.call('HDEL', key, 'd')
-      end
-      if w.l then
-        redis.call('HSET', key, 'l', w.l)
-      end
-      if w.s then
-        redis.call('ZADD', KEYS[w.z], w.s, w.r)
-      else
-        redis.call('ZREM', KEYS[w.z], w.r)
-      end
-    end
-    for _, m in ipairs(g.m) do
-      redis.call('SET', KEYS[m[1]], m[2], 'EX', ttl)
-    end
-    if g.o then
-      redis.call('HSET', KEYS[g.o[1]], g.t, ARGV[g.o[2]])
-    end
-    for _, c in ipairs(g.c) do
-      redis.call('HINCRBY', KEYS[c[1]], c[2], c[3])
-    end
-    if g.x then
-      for _, f in ipairs(g.x[2]) do
-        redis.call('HINCRBY', KEYS[g.x[1]], f[1], f[2])
-      end
-    end
+    table.insert(conflicts, n)
   end
 end
-for _, x in ipairs(cjson.decode(ARGV[5])) do
+if #conflicts > 0 then
+  return conflicts
+end
+local ttl = head.ttl
+i = 2
+for n = 1, #g / 2 do
+  for _ = 1, g[2 * n - 1] do
+    local key = KEYS[tonumber(ARGV[i])]
+    local version = tonumber(ARGV[i + 1]) + 1
+    if ARGV[i + 5] ~= '' then
+      redis.call('HSET', key, 'v', version, 'h', ARGV[i + 2], 'd', ARGV[i + 5])
+    else
+      redis.call('HSET', key, 'v', version, 'h', ARGV[i + 2])
+      redis.call('HDEL', key, 'd')
+    end
+    if ARGV[i + 6] ~= '' then
+      redis.call('HSET', key, 'l', ARGV[i + 6])
+    end
+    if ARGV[i + 7] ~= '' then
+      redis.call('ZADD', KEYS[tonumber(ARGV[i + 3])], ARGV[i + 7], ARGV[i + 4])
+    else
+      redis.call('ZREM', KEYS[tonumber(ARGV[i + 3])], ARGV[i + 4])
+    end
+    i = i + W
+  end
+  for _ = 1, g[2 * n] do
+    redis.call('SET', KEYS[tonumber(ARGV[i])], ARGV[i + 1], 'EX', ttl)
+    i = i + 2
+  end
+end
+for _, c in ipairs(head.c) do
+  redis.call('HINCRBY', KEYS[c[1]], c[2], c[3])
+end
+for _, x in ipairs(head.q) do
   if redis.call('SET', KEYS[x[1]], '1', 'NX', 'EX', ttl) then
     for _, f in ipairs(x[3]) do
       redis.call('HINCRBY', KEYS[x[2]], f[1], f[2])
     end
   end
 end
-for _, c in ipairs(clocks) do
-  local newest = tonumber(c[2])
-  if newest > tonumber(redis.call('HGET', KEYS[c[1]], 'newest') or '-1e18') then
-    redis.call('HSET', KEYS[c[1]], 'newest', c[2], 'seen', string.format('%.6f', now))
+if #head.k > 0 then
+  local t = redis.call('TIME')
+  local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
+  for _, c in ipairs(head.k) do
+    local newest = tonumber(c[2])
+    if newest > tonumber(redis.call('HGET', KEYS[c[1]], 'newest') or '-1e18') then
+      redis.call('HSET', KEYS[c[1]], 'newest', c[2], 'seen', now)
+    end
   end
 end
-local touched = cjson.decode(ARGV[6])
-if #touched[2] > 0 then
-  redis.call('SADD', KEYS[touched[1]], unpack(touched[2]))
+if #head.p[2] > 0 then
+  redis.call('SADD', KEYS[head.p[1]], unpack(head.p[2]))
 end
-if ARGV[4] ~= '' then
-  local o = cjson.decode(ARGV[4])
-  redis.call('HSET', KEYS[o[1]], o[2], ARGV[o[3]])
+if head.o then
+  redis.call('HSET', KEYS[head.o[1]], head.o[2], ARGV[#ARGV])
 end
-return conflicts
+return {}
 """
 
 
@@ -241,21 +252,36 @@ class Write:
 
 
 @dataclass
-class Commit:
-    """Writes that stand or fall together: one group of a batch, or one swept profile.
+class Group:
+    """The profiles one group of events changes, and those events' marks.
 
-    ``token`` tells a retried call that this commit already ran.
+    A group is the unit of conflict: if another worker changed one of its
+    profiles (or marked one of its events) since it was read, the group is
+    reported back to be read and computed again.
     """
 
     writes: list[Write]
     # event id -> "<partition>:<offset>[:<index>]": where in Kafka it was carried
     event_ids: Mapping[str, str] = field(default_factory=dict)
-    # Stored in every profile the commit writes: 64 random bits are plenty, and short.
-    token: str = field(default_factory=lambda: secrets.token_hex(8))
-    # (partition, payload): what must reach ClickHouse and Kafka once this is applied
+
+
+@dataclass
+class Commit:
+    """What one chunk of a batch (or one sweep step) changes in Redis: all of it, or nothing.
+
+    ``token`` names the outbox entry, and tells a retried call that this commit already ran.
+    """
+
+    groups: list[Group] = field(default_factory=list)
+    # (partition, payload): the ClickHouse rows and Kafka messages owed once this is applied
     outbox: tuple[int, bytes] | None = None
-    # (partition, field -> n): what this adds to the business metrics (pipeline/ledger.py)
-    tally: tuple[int, Mapping[str, int]] | None = None
+    # partition -> field -> n: what this adds to the business metrics (pipeline/ledger.py)
+    tally: Mapping[int, Mapping[str, int]] = field(default_factory=dict)
+    # partition -> the newest event time this commit saw on it (the partition's clock)
+    clocks: Mapping[int, float] = field(default_factory=dict)
+    guarded: Sequence[Guarded] = ()
+    # 64 random bits are plenty, and short.
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 @dataclass(frozen=True)
@@ -302,7 +328,7 @@ class RedisStore:
     def __init__(self, url: str, dedupe_ttl_seconds: int) -> None:
         self.redis: aioredis.Redis = aioredis.Redis.from_url(url)
         self.dedupe_ttl_seconds = dedupe_ttl_seconds
-        self._cas = self.redis.register_script(CAS_APPLY)
+        self._commit = self.redis.register_script(COMMIT)
         self._read = self.redis.register_script(READ)
 
     async def ping(self) -> bool:
@@ -340,102 +366,77 @@ class RedisStore:
         }
         return loaded, seen
 
-    async def commit(
-        self,
-        commits: Sequence[Commit],
-        clocks: Mapping[int, float] | None = None,
-        outbox: tuple[int, str, bytes] | None = None,
-        guarded: Sequence[Guarded] = (),
-    ) -> list[int]:
-        """Apply each commit atomically; return the indexes of those that conflicted.
+    async def commit(self, commit: Commit) -> list[int]:
+        """Apply the commit atomically; return the indexes of its groups that conflicted.
 
-        ``clocks`` advances partitions' event-time clocks (partition → newest
-        event time in this batch) in the same script; ``guarded`` tallies
-        messages that change no state, each at most once.
+        An empty list: it was applied (now, or by an earlier try whose reply was
+        lost). Otherwise nothing was written.
         """
-        if not commits and not clocks and outbox is None and not guarded:
-            return []
-        payloads: list[bytes] = []
-
-        def arg(payload: bytes) -> int:
-            payloads.append(payload)
-            return 6 + len(payloads)  # ARGV[7] is the first payload
-
         keys: list[str] = []
         index: dict[str, int] = {}
 
         def k(name: str) -> int:
-            if name not in index:
+            found = index.get(name)
+            if found is None:
                 keys.append(name)
-                index[name] = len(keys)  # Lua is 1-based
-            return index[name]
+                found = index[name] = len(keys)  # Lua is 1-based
+            return found
 
-        plan: list[dict[str, Any]] = []
-        for commit in commits:
-            writes = []
-            counts: list[list[Any]] = []
-            for w in commit.writes:
-                item: dict[str, Any] = {
-                    "k": k(profile_key(w.ref)),
-                    "v": w.version,
-                    "h": w.home,
-                    "z": k(deadlines_key(w.home)),
-                    "r": str(w.ref),
-                }
-                if w.slot.profile is not None:
-                    item["d"] = w.slot.profile.to_json().decode()
-                if w.slot.linked_to is not None:
-                    item["l"] = w.slot.linked_to
-                if w.deadline is not None:
-                    item["s"] = repr(float(w.deadline))
-                writes.append(item)
-                counts.extend(
-                    [k(counts_key(w.home)), count_field(j, s), d]
-                    for (j, s), d in w.deltas.items()
-                    if d
-                )
-            marks = [[k(mark_key(e)), pos] for e, pos in commit.event_ids.items()]
-            item = {"w": writes, "m": marks, "c": counts, "t": commit.token}
-            if commit.outbox is not None:
-                partition, payload = commit.outbox
-                item["o"] = [k(outbox_key(partition)), arg(payload)]
-            if commit.tally is not None and any(commit.tally[1].values()):
-                partition, tally = commit.tally
-                item["x"] = [k(ledger_key(partition)), [[f, n] for f, n in tally.items() if n]]
-            plan.append(item)
-        clock_plan = [[k(clock_key(p)), repr(float(ts))] for p, ts in (clocks or {}).items()]
-        touched = set(clocks or ()) | {g.partition for g in guarded}
-        for commit in commits:
-            touched |= {w.home for w in commit.writes}
-            if commit.outbox is not None:
-                touched.add(commit.outbox[0])
-            if commit.tally is not None:
-                touched.add(commit.tally[0])
-        own = b""
-        if outbox is not None:
-            partition, field_name, payload = outbox
-            own = orjson.dumps([k(outbox_key(partition)), field_name, arg(payload)])
-        conflicts = await self._cas(
-            keys=keys,
-            args=[
-                orjson.dumps(plan),
-                self.dedupe_ttl_seconds,
-                orjson.dumps(clock_plan),
-                own,
-                orjson.dumps(
-                    [
-                        [
-                            k(tallied_key(g.partition, g.offset, g.item)),
-                            k(ledger_key(g.partition)),
-                            [[f, n] for f, n in g.tally.items() if n],
-                        ]
-                        for g in guarded
-                    ]
-                ),
-                orjson.dumps([k(PARTITIONS_KEY), [str(p) for p in sorted(touched)]]),
-                *payloads,
+        args: list[Any] = [b""]  # the head, filled in below
+        sizes: list[int] = []
+        counts: dict[tuple[int, str], int] = {}
+        touched = set(commit.clocks) | {g.partition for g in commit.guarded}
+        for group in commit.groups:
+            sizes += [len(group.writes), len(group.event_ids)]
+            for w in group.writes:
+                touched.add(w.home)
+                profile, linked, deadline = w.slot.profile, w.slot.linked_to, w.deadline
+                args += [
+                    k(profile_key(w.ref)),
+                    w.version,
+                    w.home,
+                    k(deadlines_key(w.home)),
+                    str(w.ref),
+                    b"" if profile is None else profile.to_json(),
+                    "" if linked is None else linked,
+                    "" if deadline is None else repr(float(deadline)),
+                ]
+                for (journey, stage), delta in w.deltas.items():
+                    if delta:
+                        at = (k(counts_key(w.home)), count_field(journey, stage))
+                        counts[at] = counts.get(at, 0) + delta
+            for event_id, position in group.event_ids.items():
+                args += [k(mark_key(event_id)), position]
+        for partition, tally in commit.tally.items():
+            ledger = k(ledger_key(partition))
+            for name, n in tally.items():
+                if n:
+                    counts[(ledger, name)] = counts.get((ledger, name), 0) + n
+            touched.add(partition)
+        head: dict[str, Any] = {
+            "ttl": self.dedupe_ttl_seconds,
+            "g": sizes,
+            "c": [[key, name, n] for (key, name), n in counts.items() if n],
+            "q": [
+                [
+                    k(tallied_key(g.partition, g.offset, g.item)),
+                    k(ledger_key(g.partition)),
+                    [[f, n] for f, n in g.tally.items() if n],
+                ]
+                for g in commit.guarded
             ],
-        )
+            "k": [[k(clock_key(p)), repr(float(ts))] for p, ts in commit.clocks.items()],
+        }
+        if commit.outbox is not None:
+            partition, payload = commit.outbox
+            touched.add(partition)
+            head["o"] = [k(outbox_key(partition)), commit.token]
+            args.append(payload)
+        head["p"] = [k(PARTITIONS_KEY), [str(p) for p in sorted(touched)]]
+        args[0] = orjson.dumps(head)
+        if len(args) == 1 and not (head["c"] or head["q"] or head["k"]):
+            return []  # nothing to write
+        conflicts = await self._commit(keys=keys, args=args)
         return [int(i) - 1 for i in conflicts]
 
     async def outbox(self, partition: int, skip: Collection[str] = ()) -> dict[str, bytes]:

@@ -7,14 +7,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import clickhouse_connect
+import orjson
 import pytest
+from clickhouse_connect.datatypes.registry import get_from_name
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.events import Rejection, Validator
 from pipeline.sinks.clickhouse import (
     DDL_DIR,
     ClickHouseSink,
+    encode_rows,
+    epoch_ms,
     event_row,
     feedback_row,
+    from_outbox,
     handoff_row,
     rejected_row,
     split_statements,
@@ -147,7 +154,11 @@ async def test_002_upgrades_a_database_made_by_001(chdb_path: Path, tmp_path: Pa
     old = transition_row(
         Transition("retail", "c1", "awareness", "purchase", "advanced", "store", "e2", 5.0, 4.0)
     )[: len(old_columns)]
-    await sink.run(lambda c: c.insert("journey.transitions", [old], column_names=old_columns))
+    await sink.run(
+        lambda c: c.raw_insert(
+            "journey.transitions", old_columns, encode_rows([old]), fmt="JSONCompactEachRow"
+        )
+    )
     await sink.start()
     await sink.start()
     assert await sink.query(
@@ -155,3 +166,60 @@ async def test_002_upgrades_a_database_made_by_001(chdb_path: Path, tmp_path: Pa
     ) == [("e2", "", "")]
     assert await sink.query("SELECT count() FROM journey.handoffs") == [(0,)]
     await sink.close()
+
+
+# From 2000 to 2100, with every microsecond: the times a row can carry.
+TIMES = st.floats(min_value=946_684_800.0, max_value=4_102_444_800.0)
+
+
+@given(TIMES)
+def test_epoch_ms_is_what_a_datetime_insert_stored(ts: float) -> None:
+    """The milliseconds equal clickhouse-connect's for ``datetime.fromtimestamp(ts, UTC)``.
+
+    Rows used to go in as datetimes; a row written now and its replay from an older
+    outbox entry must carry the same time, or ReplacingMergeTree keeps both.
+    """
+    column = get_from_name("DateTime64(3, 'UTC')")
+    assert epoch_ms(ts) == column._datetime64_ticks(datetime.fromtimestamp(ts, UTC))
+
+
+@given(st.integers(min_value=946_684_800_000, max_value=4_102_444_800_000))
+def test_a_time_is_written_as_its_exact_milliseconds(ms: int) -> None:
+    """orjson writes ``ms / 1000`` as the decimal S.mmm (trailing zeros dropped), nothing else."""
+    text = orjson.dumps(ms / 1000).decode()
+    whole, _, fraction = text.partition(".")
+    assert int(whole) * 1000 + int(fraction.ljust(3, "0")[:3]) == ms
+    assert len(fraction) <= 3 and "e" not in text
+
+
+async def test_times_land_to_the_millisecond(chdb_path: Path) -> None:
+    """Times near millisecond and second boundaries are stored as the datetimes they stand for."""
+    sink = ClickHouseSink(f"chdb://{chdb_path}")
+    await sink.start()
+    stamps = [1_780_000_000.0, 1_780_000_000.0005, 1_780_000_000.9995, 1_780_000_000.9999996]
+    stamps += [1_780_000_000.123456, 1_780_000_001.001, 946_684_800.001]
+    for i, ts in enumerate(stamps):
+        sink.add_handoffs(
+            [handoff_row(Handoff("retail", f"c{i}", "awareness", "web", "app", "e", ts))]
+        )
+    await sink.flush()
+    rows = await sink.query(
+        "SELECT customer, toUnixTimestamp64Milli(occurred_at) FROM journey.handoffs"
+    )
+    column = get_from_name("DateTime64(3, 'UTC')")
+    assert dict(rows) == {
+        f"c{i}": column._datetime64_ticks(datetime.fromtimestamp(ts, UTC))
+        for i, ts in enumerate(stamps)
+    }
+    await sink.close()
+
+
+def test_an_outbox_entry_from_before_json_rows_reads_as_the_rows_it_held() -> None:
+    """RFC 3339 times (rows once held datetimes) and rejected rows without ``item`` are upgraded."""
+    t = Transition("retail", "c1", None, "awareness", "entered", "web", "e1", 1_780_000_000.25, 0.0)
+    new = transition_row(t)
+    old = [*new[:7], datetime.fromtimestamp(t.occurred_at, UTC), *new[8:]]
+    rejected = rejected_row(Rejection("bad", "not_json", b"{"), "journey.events", 0, 7, 1.5)
+    old_rejected = [datetime.fromtimestamp(1.5, UTC), *rejected[1:4], *rejected[5:]]
+    doc = orjson.loads(orjson.dumps({"transitions": [old], "rejected": [old_rejected]}))
+    assert from_outbox(doc) == {"transitions": [new], "rejected": [rejected]}
