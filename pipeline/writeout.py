@@ -30,14 +30,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from pipeline.sinks.clickhouse import ClickHouseSink
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
 # (topic, key, value) for Kafka
 OutMessage = tuple[str, bytes | None, bytes]
+
+
+class RowSink(Protocol):
+    """What the write-out needs of pipeline/sinks/clickhouse.py's ClickHouseSink."""
+
+    def add_rows(self, rows: Mapping[str, Sequence[list[Any]]]) -> None: ...
+
+    async def flush(self) -> None: ...
 
 
 @dataclass
@@ -58,7 +64,7 @@ class Owed:
 class WriteOut:
     def __init__(
         self,
-        sink: ClickHouseSink,
+        sink: RowSink,
         publish: Callable[[Sequence[OutMessage]], Awaitable[None]],
         forget: Callable[[list[tuple[int, str]]], Awaitable[None]],
         max_rows: int = 50_000,
