@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +29,7 @@ from pipeline.journeys import Journey, load_journeys
 from pipeline.kafka_probe import KafkaProbe, KafkaProbeService
 from pipeline.metrics import Metrics
 from pipeline.processor import BatchProcessor, RawMessage
-from pipeline.producer import ssl_context
+from pipeline.producer import BatchPublisher, ssl_context, start_producer
 from pipeline.report import (
     REPORT_END,
     REPORT_START,
@@ -40,15 +40,12 @@ from pipeline.report import (
 from pipeline.scorecard import LiveValues, live_scores, scorecard
 from pipeline.settings import (
     EVENTS_TOPIC,
-    REJECTED_TOPIC,
-    TRANSITIONS_TOPIC,
     KafkaAuth,
     Settings,
     redact_url,
 )
 from pipeline.sinks.clickhouse import ClickHouseSink
 from pipeline.state.redis_store import RedisStore
-from pipeline.writeout import OutMessage
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +54,9 @@ GAUGE_REFRESH_SECONDS = 2.0
 SCRAPE_READ_TIMEOUT_SECONDS = 2.0
 # How long a rebalance or a shutdown waits for owed rows to be written out.
 DRAIN_TIMEOUT_SECONDS = 10.0
+# Bytes of one record batch of transitions or dead letters (per partition and request):
+# a second of transitions in a few batches, well under a broker's 1 MB message limit.
+PUBLISH_BATCH_BYTES = 512 * 1024
 
 
 class Runtime:
@@ -85,6 +85,7 @@ class Runtime:
             flush_seconds=settings.flush_seconds,
             flush_rows=settings.flush_rows,
         )
+        self.producer: Any = None  # started with the rest, in start()
         self.ready = asyncio.Event()
         self._starting = asyncio.Lock()
         self.last_batch_at: float | None = None
@@ -112,6 +113,7 @@ class Runtime:
                     self._sink_error("redis", "ping", exc)
                     await asyncio.sleep(1.0)
             await self.sink.start()
+            await self._start_producer()
             self.ready.set()
             log.info(
                 "worker ready: journeys %s, Redis %s, ClickHouse %s",
@@ -119,6 +121,25 @@ class Runtime:
                 redact_url(self.settings.redis_url),
                 redact_url(self.settings.clickhouse_dsn),
             )
+
+    async def _start_producer(self) -> None:
+        """The producer of transitions and dead letters (Faust's own sends one message at a time).
+
+        It publishes what the write-out owes Kafka, as record batches; waits for the
+        broker like the other services rather than failing the agent.
+        """
+        settings = self.settings
+        while True:
+            try:
+                producer = await start_producer(
+                    settings.kafka_url, 0, settings.kafka_auth, PUBLISH_BATCH_BYTES
+                )
+                break
+            except Exception as exc:
+                self._sink_error("kafka", "start producer", exc)
+                await asyncio.sleep(1.0)
+        self.producer = producer
+        self.processor.publish = BatchPublisher(producer)
 
     async def refresh_consistency(self) -> None:
         """The consistency and score gauges over the last window of event time, from ClickHouse."""
@@ -194,17 +215,6 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
     )
     app.runtime = runtime  # type: ignore[attr-defined]
     events = app.topic(EVENTS_TOPIC, key_serializer="raw", value_serializer="raw")
-    rejected = app.topic(REJECTED_TOPIC, key_serializer="raw", value_serializer="raw")
-    transitions = app.topic(TRANSITIONS_TOPIC, key_serializer="raw", value_serializer="raw")
-    topics = {REJECTED_TOPIC: rejected, TRANSITIONS_TOPIC: transitions}
-
-    async def publish(messages: Sequence[OutMessage]) -> None:
-        """Send and wait for the broker's acks: the outbox entry is forgotten only after."""
-        pending = [await topics[topic].send(key=key, value=value) for topic, key, value in messages]
-        for future in pending:
-            await future
-
-    runtime.processor.publish = publish
 
     @app.agent(events, concurrency=1)
     async def process(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
@@ -266,6 +276,8 @@ def create_app(settings: Settings, journeys: tuple[Journey, ...] | None = None) 
     async def on_shutdown(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         if runtime.ready.is_set():
             await drain("shutting down")
+            # The producer stays open: a batch still in the agent may owe Kafka after
+            # this, and the process exits right after (it closes the connections).
 
     def owned() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS_TOPIC}

@@ -1,4 +1,4 @@
-"""produce_batches with envelopes against a real broker: every record once, each key in order."""
+"""The producers against a real broker: every record once, each key on its partition, in order."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 
 from pipeline.embedded import Service, create_topics
 from pipeline.envelope import partition_for, unpack
-from pipeline.producer import bootstrap_servers, produce_batches
+from pipeline.producer import BatchPublisher, bootstrap_servers, produce_batches, start_producer
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
 
@@ -112,3 +112,36 @@ def test_a_quiet_source_does_not_hold_its_envelope_back(kafka_service: Service) 
         assert await sending == 3
 
     asyncio.run(run())
+
+
+def test_batch_publisher_puts_each_key_on_its_partition_in_order(kafka_service: Service) -> None:
+    """Record batches split when full (small max_batch_size), keys hashed as the producer does."""
+    topics = {"publisher-a": PARTITIONS, "publisher-b": 2}
+    create_topics(kafka_service.url, topics)
+    messages = [
+        (topic, None if key is None else key, value)
+        for i, (key, value) in enumerate(_records(2000))
+        for topic in ["publisher-a" if i % 3 else "publisher-b"]
+    ]
+
+    async def publish() -> None:
+        producer = await start_producer(kafka_service.url, 0, max_batch_size=4096)
+        try:
+            await BatchPublisher(producer)(messages)
+        finally:
+            await producer.stop()
+
+    asyncio.run(publish())
+    for topic, partitions in topics.items():
+        sent = [(k, v) for t, k, v in messages if t == topic]
+        got = asyncio.run(_read(kafka_service.url, topic, len(sent)))
+        assert sorted(v for _, v in got) == sorted(v for _, v in sent)
+        keyed = [(k, v) for k, v in sent if k is not None]
+        partition_of = {v: p for p, v in got}
+        for key, value in keyed:
+            assert partition_of[value] == partition_for(key, partitions)
+        # Per partition, in the order given.
+        order = {v: i for i, (p, v) in enumerate(got)}
+        for key in {k for k, _ in keyed}:
+            mine = [order[v] for k, v in keyed if k == key]
+            assert mine == sorted(mine)
