@@ -116,7 +116,7 @@ def run_events(
         elif resolved.result is not None:
             out.merge_results[resolved.result] += 1
         step = apply_event(profile, event, journeys)
-        slots[target] = replace(slot, profile=step.profile)
+        slots[target] = Slot(step.profile, slot.linked_to)
         out.changed.add(target)
         out.transitions.extend(step.transitions)
         out.handoffs.extend(step.handoffs)

@@ -51,10 +51,9 @@ def is_placeholder(raw: str | None) -> bool:
     if raw is None:
         return True
     text = raw.strip().strip("\"'`").strip().lower()
-    if text in PLACEHOLDER_IDS:
-        return True
-    digits = text.replace("-", "").replace("_", "").replace(" ", "").replace(":", "")
-    return digits != "" and set(digits) <= {"0"}
+    # Or all zeros once "-", "_", " " and ":" are ignored (a nil UUID, "0000-00"):
+    # stripping those characters leaves nothing only when they are all there is.
+    return text in PLACEHOLDER_IDS or ("0" in text and not text.strip("0-_ :"))
 
 
 @dataclass(frozen=True, slots=True, order=True)

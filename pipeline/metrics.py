@@ -9,7 +9,8 @@ this process's own work: latencies, batch sizes, sink errors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,7 +19,11 @@ from prometheus_client.registry import Collector
 from pipeline import ledger
 from pipeline.health import SERVICES, Health
 
-LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, float("inf"))
+# Finer around a second: the latency objective (p99 under 1 s) is read from these.
+LAG_BUCKETS = (
+    *(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 5),
+    *(10, 30, 60, 300, 900, 3600, float("inf")),
+)
 BATCH_SIZE_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, float("inf"))
 # From seconds (journeys scaled down for rehearsals) to a quarter (retention).
 _M, _H, _D = 60.0, 3600.0, 86400.0
@@ -30,6 +35,29 @@ TIME_IN_STAGE_BUCKETS = (
     float("inf"),
 )
 LATENESS_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, 3600, 6 * _H, _D, float("inf"))
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for each value, with one increment per bucket touched.
+
+    A batch observes thousands of values; observe() takes a lock and a loop per
+    value, and was 5% of the worker's time. This uses the histogram's bucket
+    bounds and values, which prometheus_client keeps private:
+    tests/test_metrics.py checks that it matches observe() exactly. Call it on
+    a histogram without labels or on a labelled child; the values are finite
+    (ages and durations).
+    """
+    if not values:
+        return
+    bounds: Sequence[float] = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+    histogram._sum.inc(sum(values))
+    buckets = histogram._buckets
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
 
 
 class StageCustomersCollector(Collector):

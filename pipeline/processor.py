@@ -37,7 +37,7 @@ from pipeline.identity import (
     usable_ids,
 )
 from pipeline.journeys import Journey
-from pipeline.metrics import Metrics
+from pipeline.metrics import Metrics, observe_many
 from pipeline.settings import REJECTED_TOPIC, TRANSITIONS_TOPIC
 from pipeline.sinks.clickhouse import (
     ClickHouseSink,
@@ -592,9 +592,7 @@ class BatchProcessor:
         m = self.metrics
         m.batch_seconds.labels("clickhouse").observe(seconds)
         now = time.time()
-        for o in owed:
-            for ts in o.event_times:
-                m.written_lag.observe(max(0.0, now - ts))
+        observe_many(m.written_lag, [max(0.0, now - ts) for o in owed for ts in o.event_times])
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[R]]) -> R:
         """Retry a Redis call until it succeeds: the agent waits, so consumption stops."""
@@ -619,26 +617,35 @@ class BatchProcessor:
         """This process's view of its committed events: lag, lateness. Counts are in the ledger."""
         m = self.metrics
         now = time.time()
+        lags: list[float] = []
+        lateness: dict[str, list[float]] = defaultdict(list)
+        late: dict[str, int] = defaultdict(int)
         # In Kafka order: ``applied`` is in customer-group order, in which a customer's
         # event looks late behind another customer's later one.
         for p in sorted(applied, key=_kafka_order):
             e = p.event
-            m.lag.observe(max(0.0, now - e.ts))
+            lags.append(max(0.0, now - e.ts))
             if p.received_at is not None:
-                m.lateness.labels(e.channel).observe(max(0.0, p.received_at - e.ts))
+                lateness[e.channel].append(max(0.0, p.received_at - e.ts))
             newest = self._newest.get(p.partition)
             if newest is not None and e.ts < newest - self.allowed_lateness_seconds:
-                m.late_events.labels(e.channel).inc()
+                late[e.channel] += 1
             if newest is None or e.ts > newest:
                 self._newest[p.partition] = e.ts
+        observe_many(m.lag, lags)
+        for channel, values in lateness.items():
+            observe_many(m.lateness.labels(channel), values)
+        for channel, n in late.items():
+            m.late_events.labels(channel).inc(n)
 
     def observe_outcome(self, outcome: Outcome) -> None:
         """Time in stage of everyone who left one (a histogram, per process)."""
+        by_series: dict[tuple[str, str, str], list[float]] = defaultdict(list)
         for t in outcome.transitions:
             if t.kind in DWELL_KINDS and t.from_stage is not None:
-                self.metrics.time_in_stage.labels(t.journey, t.from_stage, t.kind).observe(
-                    t.seconds_in_previous
-                )
+                by_series[(t.journey, t.from_stage, t.kind)].append(t.seconds_in_previous)
+        for labels, values in by_series.items():
+            observe_many(self.metrics.time_in_stage.labels(*labels), values)
 
 
 def _outcome_rows(outcome: Outcome) -> dict[str, list[list[Any]]]:

@@ -325,7 +325,16 @@ def expire(
 def _touch(position: Position, event: EventLike) -> Position:
     """Activity in place: the latest event (by event time) names the channel."""
     if event.ts >= position.last_event_at:
-        return replace(position, last_event_at=event.ts, last_channel=event.channel)
+        # The constructor, not dataclasses.replace: this runs for most events, and
+        # replace() costs several times as much.
+        return Position(
+            position.stage,
+            position.entered_at,
+            event.ts,
+            event.channel,
+            position.dropped_from,
+            position.handoff,
+        )
     return position
 
 
@@ -404,12 +413,14 @@ def apply_event(profile: Profile, event: EventLike, journeys: Sequence[Journey])
             positions[journey.name] = position
         if transition is not None:
             transitions.append(transition)
-    updated = replace(
-        profile,
-        positions=positions,
-        channels=profile.channels | {event.channel},
-        last_channel=event.channel,
-        last_event_at=_later(profile.last_event_at, event.ts),
+    channels = profile.channels
+    updated = Profile(  # not replace(): see _touch
+        profile.customer,
+        positions,
+        channels if event.channel in channels else channels | {event.channel},
+        event.channel,
+        _later(profile.last_event_at, event.ts),
+        profile.anonymous,
     )
     return Applied(updated, transitions, handoffs)
 

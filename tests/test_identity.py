@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pipeline.identity import (
     ALREADY_LINKED,
     MERGED,
+    PLACEHOLDER_IDS,
     REFUSED_CLAIMED,
     REFUSED_PLACEHOLDER,
     Ref,
@@ -61,6 +62,26 @@ def test_placeholders_are_recognised(raw: str) -> None:
 @pytest.mark.parametrize("raw", ["c-1", "0a", "10", "anon-42", "nullable", "user_0", "-12"])
 def test_real_ids_are_not_placeholders(raw: str) -> None:
     assert not is_placeholder(raw)
+
+
+def _placeholder_rule(raw: str) -> bool:
+    """The rule as first written, plainly: the fast version must agree with it."""
+    text = raw.strip().strip("\"'`").strip().lower()
+    if text in PLACEHOLDER_IDS:
+        return True
+    digits = text.replace("-", "").replace("_", "").replace(" ", "").replace(":", "")
+    return digits != "" and set(digits) <= {"0"}
+
+
+@given(
+    st.one_of(
+        st.text(),
+        st.text(alphabet="0-_ :\t\"'`aA1"),
+        st.sampled_from(sorted(PLACEHOLDER_IDS)).map(lambda t: f" '{t.upper()}' "),
+    )
+)
+def test_placeholder_check_follows_the_rule(raw: str) -> None:
+    assert is_placeholder(raw) == _placeholder_rule(raw)
 
 
 def test_routing_key_skips_placeholders() -> None:
