@@ -80,21 +80,20 @@ end
 return out
 """
 
-# Arguments of one write in COMMIT's ARGV, in this order: the profile key's index in
-# KEYS, the version read, the home partition, the deadlines key's index, the sorted-set
-# member (the profile's ref), the profile data, the device's link, the deadline score
-# ('' for "none" in the last three).
-WRITE_ARGS = 8
-
-# KEYS: every key touched. ARGV[1]: a small JSON head: "ttl" (mark TTL), "g" (per
-# group: how many writes, how many marks, flattened), "c" ([[key, field, n], ...]:
-# the population counts and ledger tallies of the whole commit, summed), "q"
-# (guarded tallies [[message mark key, ledger key, [[field, n], ...]], ...]: a
-# rejected or duplicate message, tallied only if its mark was not set yet), "k"
-# (partition clocks [[key, newest event time], ...]), "p" ([registry key,
-# [partition, ...]]), "o" ([outbox key, token]; absent: no outbox entry). Then each
-# group's writes (WRITE_ARGS each) and marks ([key, "<partition>:<offset>[:<index>]"]
-# each), and last the outbox payload, kept out of the JSON so it is not escaped twice.
+# KEYS: every key touched. ARGV[1]: a JSON head: "ttl" (mark TTL), "g" (per group:
+# [writes, marks]; a write is [profile key, version read, home partition, deadlines
+# key, sorted-set member (the profile's ref), the device's link, the deadline score,
+# index in ARGV of the profile data], '' for "none" in link, deadline and data (0);
+# marks are flattened [mark key, "<partition>:<offset>[:<index>]", ...]), "c"
+# ([[key, field, n], ...]: the population counts and ledger tallies of the whole
+# commit, summed), "q" (guarded tallies [[message mark key, ledger key, [[field, n],
+# ...]], ...]: a rejected or duplicate message, tallied only if its mark was not set
+# yet), "k" (partition clocks [[key, newest event time], ...]), "p" ([registry key,
+# [partition, ...]]), "o" ([outbox key, token, index in ARGV of the payload]; absent:
+# no outbox entry). Keys are indexes into KEYS. The profiles' data and the outbox
+# payload follow as ARGV[2...], kept out of the JSON so they are not escaped twice;
+# the rest is in the head because redis-py encodes each argument in Python, which
+# cost more than the script's JSON decoding.
 #
 # All or nothing: if any group finds a version moved or one of its events marked
 # meanwhile, nothing is written and the indexes of those groups are returned, to be
@@ -108,24 +107,20 @@ local head = cjson.decode(ARGV[1])
 if head.o and redis.call('HEXISTS', KEYS[head.o[1]], head.o[2]) == 1 then
   return {}
 end
-local W = 8
-local g = head.g
 local conflicts = {}
-local i = 2
-for n = 1, #g / 2 do
+for n, group in ipairs(head.g) do
   local clean = true
-  for _ = 1, g[2 * n - 1] do
-    local v = redis.call('HGET', KEYS[tonumber(ARGV[i])], 'v')
-    if tonumber(v or '0') ~= tonumber(ARGV[i + 1]) then
+  for _, w in ipairs(group[1]) do
+    local v = redis.call('HGET', KEYS[w[1]], 'v')
+    if tonumber(v or '0') ~= w[2] then
       clean = false
     end
-    i = i + W
   end
-  for _ = 1, g[2 * n] do
-    if clean and redis.call('EXISTS', KEYS[tonumber(ARGV[i])]) == 1 then
+  local marks = group[2]
+  for j = 1, #marks, 2 do
+    if clean and redis.call('EXISTS', KEYS[marks[j]]) == 1 then
       clean = false
     end
-    i = i + 2
   end
   if not clean then
     table.insert(conflicts, n)
@@ -135,30 +130,28 @@ if #conflicts > 0 then
   return conflicts
 end
 local ttl = head.ttl
-i = 2
-for n = 1, #g / 2 do
-  for _ = 1, g[2 * n - 1] do
-    local key = KEYS[tonumber(ARGV[i])]
-    local version = tonumber(ARGV[i + 1]) + 1
-    if ARGV[i + 5] ~= '' then
-      redis.call('HSET', key, 'v', version, 'h', ARGV[i + 2], 'd', ARGV[i + 5])
+for _, group in ipairs(head.g) do
+  for _, w in ipairs(group[1]) do
+    local key = KEYS[w[1]]
+    local version = w[2] + 1
+    if w[8] > 0 then
+      redis.call('HSET', key, 'v', version, 'h', w[3], 'd', ARGV[w[8]])
     else
-      redis.call('HSET', key, 'v', version, 'h', ARGV[i + 2])
+      redis.call('HSET', key, 'v', version, 'h', w[3])
       redis.call('HDEL', key, 'd')
     end
-    if ARGV[i + 6] ~= '' then
-      redis.call('HSET', key, 'l', ARGV[i + 6])
+    if w[6] ~= '' then
+      redis.call('HSET', key, 'l', w[6])
     end
-    if ARGV[i + 7] ~= '' then
-      redis.call('ZADD', KEYS[tonumber(ARGV[i + 3])], ARGV[i + 7], ARGV[i + 4])
+    if w[7] ~= '' then
+      redis.call('ZADD', KEYS[w[4]], w[7], w[5])
     else
-      redis.call('ZREM', KEYS[tonumber(ARGV[i + 3])], ARGV[i + 4])
+      redis.call('ZREM', KEYS[w[4]], w[5])
     end
-    i = i + W
   end
-  for _ = 1, g[2 * n] do
-    redis.call('SET', KEYS[tonumber(ARGV[i])], ARGV[i + 1], 'EX', ttl)
-    i = i + 2
+  local marks = group[2]
+  for j = 1, #marks, 2 do
+    redis.call('SET', KEYS[marks[j]], marks[j + 1], 'EX', ttl)
   end
 end
 for _, c in ipairs(head.c) do
@@ -185,7 +178,7 @@ if #head.p[2] > 0 then
   redis.call('SADD', KEYS[head.p[1]], unpack(head.p[2]))
 end
 if head.o then
-  redis.call('HSET', KEYS[head.o[1]], head.o[2], ARGV[#ARGV])
+  redis.call('HSET', KEYS[head.o[1]], head.o[2], ARGV[head.o[3]])
 end
 return {}
 """
@@ -382,31 +375,39 @@ class RedisStore:
                 found = index[name] = len(keys)  # Lua is 1-based
             return found
 
-        args: list[Any] = [b""]  # the head, filled in below
-        sizes: list[int] = []
+        args: list[Any] = [b""]  # the head, filled in below; then profile data, payload
+        groups: list[list[list[Any]]] = []
         counts: dict[tuple[int, str], int] = {}
         touched = set(commit.clocks) | {g.partition for g in commit.guarded}
         for group in commit.groups:
-            sizes += [len(group.writes), len(group.event_ids)]
+            writes: list[Any] = []
             for w in group.writes:
                 touched.add(w.home)
                 profile, linked, deadline = w.slot.profile, w.slot.linked_to, w.deadline
-                args += [
-                    k(profile_key(w.ref)),
-                    w.version,
-                    w.home,
-                    k(deadlines_key(w.home)),
-                    str(w.ref),
-                    b"" if profile is None else profile.to_json(),
-                    "" if linked is None else linked,
-                    "" if deadline is None else repr(float(deadline)),
-                ]
+                data = 0
+                if profile is not None:
+                    args.append(profile.to_json())
+                    data = len(args)  # Lua is 1-based
+                writes.append(
+                    [
+                        k(profile_key(w.ref)),
+                        w.version,
+                        w.home,
+                        k(deadlines_key(w.home)),
+                        str(w.ref),
+                        "" if linked is None else linked,
+                        "" if deadline is None else repr(float(deadline)),
+                        data,
+                    ]
+                )
                 for (journey, stage), delta in w.deltas.items():
                     if delta:
                         at = (k(counts_key(w.home)), count_field(journey, stage))
                         counts[at] = counts.get(at, 0) + delta
+            marks: list[Any] = []
             for event_id, position in group.event_ids.items():
-                args += [k(mark_key(event_id)), position]
+                marks += [k(mark_key(event_id)), position]
+            groups.append([writes, marks])
         for partition, tally in commit.tally.items():
             ledger = k(ledger_key(partition))
             for name, n in tally.items():
@@ -415,7 +416,7 @@ class RedisStore:
             touched.add(partition)
         head: dict[str, Any] = {
             "ttl": self.dedupe_ttl_seconds,
-            "g": sizes,
+            "g": groups,
             "c": [[key, name, n] for (key, name), n in counts.items() if n],
             "q": [
                 [
@@ -430,11 +431,11 @@ class RedisStore:
         if commit.outbox is not None:
             partition, payload = commit.outbox
             touched.add(partition)
-            head["o"] = [k(outbox_key(partition)), commit.token]
             args.append(payload)
+            head["o"] = [k(outbox_key(partition)), commit.token, len(args)]
         head["p"] = [k(PARTITIONS_KEY), [str(p) for p in sorted(touched)]]
         args[0] = orjson.dumps(head)
-        if len(args) == 1 and not (head["c"] or head["q"] or head["k"]):
+        if not (groups or commit.outbox or head["c"] or head["q"] or head["k"]):
             return []  # nothing to write
         conflicts = await self._commit(keys=keys, args=args)
         return [int(i) - 1 for i in conflicts]
