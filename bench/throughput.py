@@ -90,6 +90,11 @@ RESULTS = ROOT / "bench" / "results" / "throughput.json"
 RESULTS_SINGLE = ROOT / "bench" / "results" / "throughput_single.json"
 PROFILE_OUT = ROOT / "bench" / "results" / "throughput_profile.txt"
 APPS = Path(__file__).resolve().parent / "throughput_apps.py"
+# `journey worker` with the consumer's fetch wait Tansu needs (see that file).
+TANSU_WORKER = Path(__file__).resolve().parent / "tansu_worker.py"
+# The fetch waits compared by fetch_hold(): Faust's, and the one the worker runs with here.
+FAUST_FETCH_WAIT_MS = 1500
+TANSU_FETCH_WAIT_MS = 100
 COMMAND = ".venv/bin/python bench/throughput.py"
 console = Console(width=120)
 
@@ -440,7 +445,10 @@ def worker(
     )
     log = work / "worker.log"
     child = _child(
-        [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "warning"],
+        [
+            *(sys.executable, str(TANSU_WORKER)),
+            *("--fetch-max-wait-ms", str(TANSU_FETCH_WAIT_MS), "--loglevel", "warning"),
+        ],
         log,
         {**os.environ, **settings.to_env()},
     )
@@ -502,6 +510,11 @@ def worker(
                         envelope,
                     )
                 )
+            with console.status("latency: the broker's fetch hold…"):
+                latency["fetch_hold_ms"] = {
+                    str(wait): asyncio.run(fetch_hold(kafka.url, wait))
+                    for wait in (FAUST_FETCH_WAIT_MS, TANSU_FETCH_WAIT_MS)
+                }
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
@@ -646,6 +659,52 @@ async def steady(
         "lag_buckets": counted_buckets,
         "written_lag_buckets": written_buckets,
     }
+
+
+async def fetch_hold(kafka_url: str, wait_ms: int, seconds: float = 5.0) -> dict[str, float]:
+    """Send → consumed on this broker for a plain consumer with ``wait_ms`` fetch wait.
+
+    One record every 5 ms over 4 partitions; p50/p99 in ms. On Kafka this is a
+    few ms whatever the wait (a fetch returns once a byte is there); on Tansu it
+    grows with the wait: what a worker with Faust's 1500 ms would add.
+    """
+    from aiokafka import AIOKafkaConsumer
+
+    from pipeline.producer import start_producer
+
+    topic = f"bench.fetch-hold.{wait_ms}"
+    await asyncio.to_thread(create_topics, kafka_url, {topic: 4})
+    producer = await start_producer(kafka_url, linger_ms=0)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap_servers(kafka_url),
+        group_id=None,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=wait_ms,
+    )
+    await consumer.start()
+    latencies: list[float] = []
+    try:
+        await asyncio.sleep(1.0)  # assigned and fetching before the first record
+        stop_at = time.time() + seconds
+
+        async def produce() -> None:
+            i = 0
+            while time.time() < stop_at:
+                await producer.send(topic, repr(time.time()).encode(), partition=i % 4)
+                i += 1
+                await asyncio.sleep(0.005)
+
+        sending = asyncio.create_task(produce())
+        while time.time() < stop_at + 2 * wait_ms / 1000 + 1:
+            got = await consumer.getmany(timeout_ms=200)
+            now = time.time()
+            latencies += [(now - float(r.value or b"0")) * 1000 for rs in got.values() for r in rs]
+        await sending
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return {"p50": quantile(latencies, 0.5), "p99": quantile(latencies, 0.99)}
 
 
 def _py_spy() -> str:
@@ -961,6 +1020,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             + " ms; rows in ClickHouse "
             + "/".join(f"{v:.0f}" for v in lat["clickhouse_ms"].values())
             + f" ms (histogram buckets); {lat['counted']:,.0f} of {lat['sent']:,} counted"
+        )
+        hold = lat["fetch_hold_ms"]
+        console.print(
+            "the broker's fetch hold (a plain consumer, 200 records/s), p50/p99: "
+            + "; ".join(
+                f"{v['p50']:.0f}/{v['p99']:.0f} ms at a {wait} ms fetch wait"
+                for wait, v in hold.items()
+            )
+            + f" (Faust's is {FAUST_FETCH_WAIT_MS} ms; the worker here runs with"
+            " bench/tansu_worker.py's, as Kafka answers a fetch once a byte is there)"
         )
     if run.profile:
         lines = _profile_lines(run.profile, args.events)
