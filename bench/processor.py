@@ -4,6 +4,7 @@ Reproduce (from the project root):
 
     .venv/bin/python bench/processor.py                    # 100,000 events
     .venv/bin/python bench/processor.py --profile out.prof # + cProfile, sorted by own time
+    .venv/bin/python bench/processor.py --discard-rows     # rows encoded, not inserted
 
 It starts redis-server (AOF on, as in production) and a chDB directory of its
 own, packs simulator events into envelopes as `journey send` does, and hands
@@ -11,7 +12,10 @@ them to ``BatchProcessor.process`` a take batch at a time, as the Faust agent
 does; transitions and dead letters go nowhere. What it prints is the split the
 worker cannot show under Faust: events/s, the process's CPU per event, and
 redis-server's. bench/throughput.py is the end-to-end measure; this one is for
-finding where the time goes between two runs of it.
+finding where the time goes between two runs of it. ``--discard-rows`` encodes
+each insert's body as for ClickHouse and drops it: the difference is what the
+embedded chDB engine costs inside the worker's process, work that a ClickHouse
+server does on its own machine.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -40,7 +46,7 @@ from pipeline.metrics import Metrics
 from pipeline.processor import BatchProcessor, RawMessage
 from pipeline.settings import EVENTS_TOPIC
 from pipeline.simulate import generate, key_of
-from pipeline.sinks.clickhouse import ClickHouseSink
+from pipeline.sinks.clickhouse import ClickHouseSink, encode_rows
 from pipeline.state.redis_store import RedisStore
 
 COMMAND = ".venv/bin/python bench/processor.py"
@@ -70,13 +76,22 @@ def messages(count: int, partitions: int, envelope: int, seed: int) -> list[RawM
     return out
 
 
+class DiscardingSink(ClickHouseSink):
+    """Encodes every insert's body as the real sink does, then drops it."""
+
+    def _insert_all(self, batches: list[tuple[str, Sequence[str], list[list[Any]]]]) -> None:
+        for _, _, rows in batches:
+            encode_rows(rows)
+
+
 async def run(args: argparse.Namespace, work: Path) -> None:
     data = messages(args.events, args.partitions, args.envelope, args.seed)
     redis_service = start_redis(data_dir=work / "redis", appendonly=True)
     journeys = default_journeys()
     metrics = Metrics(lambda: iter(()))
     store = RedisStore(redis_service.url, 7 * 24 * 3600)
-    sink = ClickHouseSink(f"chdb://{work / 'chdb'}")
+    sink_type = DiscardingSink if args.discard_rows else ClickHouseSink
+    sink = sink_type(f"chdb://{work / 'chdb'}")
     await sink.start()
     processor = BatchProcessor(Validator(), journeys, store, sink, metrics)
     # As the agent takes them: up to 1,000 messages a batch, partitions interleaved.
@@ -122,14 +137,16 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         f"{decode_rate:,.0f} events/s; processor/baseline {rate / decode_rate:.3f}"
     )
     print(
-        f"CPU per event: this process {cpu / accepted * 1e6:.0f} µs "
-        f"(all threads, chDB included), redis-server {redis_used / accepted * 1e6:.0f} µs"
+        f"CPU per event: this process {cpu / accepted * 1e6:.0f} µs (all threads, "
+        f"{'rows dropped' if args.discard_rows else 'chDB included'}), "
+        f"redis-server {redis_used / accepted * 1e6:.0f} µs"
     )
     if profiler is not None:
         profiler.dump_stats(args.profile)
         stats = pstats.Stats(profiler)
         stats.sort_stats("tottime").print_stats(40)
-    print(f"reproduce: {COMMAND} --events {args.events}")
+    discard = " --discard-rows" if args.discard_rows else ""
+    print(f"reproduce: {COMMAND} --events {args.events}{discard}")
 
 
 def main() -> None:
@@ -140,6 +157,11 @@ def main() -> None:
     parser.add_argument("--take", type=int, default=1000, help="messages per take batch")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--profile", help="write a cProfile here and print its top")
+    parser.add_argument(
+        "--discard-rows",
+        action="store_true",
+        help="encode ClickHouse inserts and drop them (what chDB costs in-process)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-processor-") as work:
         asyncio.run(run(args, Path(work)))
