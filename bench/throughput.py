@@ -6,9 +6,13 @@ Reproduce (from the project root):
     .venv/bin/python bench/throughput.py               # 1,000,000 events, 4 partitions
     .venv/bin/python bench/throughput.py --events 100000          # a quick run
     .venv/bin/python bench/throughput.py --events 200000 --profile  # + py-spy of the worker
+    .venv/bin/python bench/throughput.py --events 200000 --workers 2 --skip peer --skip naive
 
-One run starts Tansu, redis-server (AOF on, as in production) and, in turn,
-each contender on this machine; nothing else of the project runs meanwhile.
+One run starts Tansu, redis-server (AOF on, as in production), ClickHouse's
+HTTP interface over chDB in a process of its own (bench/clickhouse_http.py: no
+ClickHouse server binary is available here; ``--clickhouse chdb`` puts chDB
+inside the worker instead, as `journey up` does) and, in turn, each contender
+on this machine; nothing else of the project runs meanwhile.
 It pre-loads ``journey.events`` with ``--events`` simulator events (the
 generator of `journey simulate`: every channel, identity stitching, ~1%
 resent duplicates, ~3% unmapped types), packed as `journey send` and
@@ -26,7 +30,8 @@ the other:
   state per customer; with envelopes it opens them and re-keys each event by
   customer (``group_by``), Quix's way to keep state per customer
   (bench/throughput_apps.py says what it does and skips);
-- worker: ``journey worker`` as a child process with chDB, end to end: from the
+- worker: ``journey worker`` as a child process (``--workers N``: N of them in
+  one consumer group, started together), end to end: from the
   start of its first batch (the earliest ``received_at`` in ClickHouse) until
   ``journey_events_total`` on /metrics (read from Redis at the scrape) reaches
   the topic's event count and ``journey_written_lag_seconds`` has counted
@@ -78,6 +83,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import clickhouse_http
 from pipeline.embedded import Service, create_topics, free_port, start_kafka, start_redis
 from pipeline.envelope import DEFAULT_ENVELOPE_EVENTS, Outgoing, Packer
 from pipeline.producer import bootstrap_servers, produce_batches
@@ -427,6 +435,21 @@ class WorkerRun:
     latency: dict[str, Any] | None
 
 
+def scrape_all(ports: Sequence[int]) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every worker's /metrics as one: per-process series summed over the workers.
+
+    ``journey_events_total`` is read from Redis by each worker at its scrape (one
+    total for the whole group), so it is taken from the first worker alone.
+    """
+    scraped = [scrape(port) for port in ports]
+    merged: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for samples in scraped:
+        for name, values in samples.items():
+            merged.setdefault(name, []).extend(values)
+    merged["journey_events_total"] = scraped[0].get("journey_events_total", [])
+    return merged
+
+
 def worker(
     kafka: Service,
     redis_service: Service,
@@ -436,38 +459,66 @@ def worker(
     latency_seconds: float,
     redis_used_before: int,
     envelope: int = 1,
+    clickhouse: Service | None = None,
+    workers: int = 1,
 ) -> WorkerRun:
-    settings = Settings(
-        kafka_url=kafka.url,
-        redis_url=redis_service.url,
-        clickhouse_dsn=f"chdb://{work / 'chdb'}",
-        web_port=free_port(),
-    )
-    log = work / "worker.log"
-    child = _child(
-        [
-            *(sys.executable, str(TANSU_WORKER)),
-            *("--fetch-max-wait-ms", str(TANSU_FETCH_WAIT_MS), "--loglevel", "warning"),
-        ],
-        log,
-        {**os.environ, **settings.to_env()},
-    )
+    """``clickhouse``: the HTTP endpoint the worker inserts into; None: chDB in the worker.
+
+    ``workers`` above 1 starts that many worker processes at once, one consumer
+    group sharing the partitions (they need ``clickhouse``: chDB admits one process).
+    """
+    if workers > 1 and clickhouse is None:
+        raise ValueError("several workers need ClickHouse over HTTP (--clickhouse http)")
+    settings = [
+        Settings(
+            kafka_url=kafka.url,
+            redis_url=redis_service.url,
+            clickhouse_dsn=clickhouse.url if clickhouse is not None else f"chdb://{work / 'chdb'}",
+            web_port=free_port(),
+        )
+        for _ in range(workers)
+    ]
+    ports = [s.web_port for s in settings]
+    logs = [work / ("worker.log" if n == 0 else f"worker-{n + 1}.log") for n in range(workers)]
+    children = [
+        _child(
+            [
+                *(sys.executable, str(TANSU_WORKER)),
+                *("--fetch-max-wait-ms", str(TANSU_FETCH_WAIT_MS), "--loglevel", "warning"),
+            ],
+            log,
+            {**os.environ, **s.to_env()},
+        )
+        for s, log in zip(settings, logs, strict=True)
+    ]
     spy: Any = None
-    pids = {"worker": child.pid, "tansu": kafka.process.pid, "redis": redis_service.process.pid}
+    pids = {"tansu": kafka.process.pid, "redis": redis_service.process.pid}
+    if clickhouse is not None:
+        pids["clickhouse"] = clickhouse.process.pid
+
+    def check_alive() -> None:
+        for child, log in zip(children, logs, strict=True):
+            if child.poll() is not None:
+                raise RuntimeError(f"a worker exited with {child.returncode}:\n{_tail(log)}")
+
+    def cpu_now() -> dict[str, float]:
+        used = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        used["worker"] = sum(cpu_seconds(c.pid) for c in children)
+        return used
+
     try:
         deadline = time.monotonic() + JOIN_TIMEOUT_S
-        while total(scrape(settings.web_port), "journey_events_total") <= 0:
-            if child.poll() is not None:
-                raise RuntimeError(f"the worker exited with {child.returncode}:\n{_tail(log)}")
+        while total(scrape(ports[0]), "journey_events_total") <= 0:
+            check_alive()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the worker processed nothing in {JOIN_TIMEOUT_S:.0f}s")
+                raise TimeoutError(f"the workers processed nothing in {JOIN_TIMEOUT_S:.0f}s")
             time.sleep(0.1)
         moving_at = time.time()
-        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_before = cpu_now()
         if profile:
             spy = _child(
                 [
-                    *(_py_spy(), "record", "--pid", str(child.pid), "--format", "raw"),
+                    *(_py_spy(), "record", "--pid", str(children[0].pid), "--format", "raw"),
                     *("--rate", str(PROFILE_RATE), "--nonblocking", "--threads"),
                     *("--output", str(work / "worker.pyspy")),
                 ],
@@ -475,18 +526,18 @@ def worker(
             )
         deadline = time.monotonic() + JOIN_TIMEOUT_S + events / 500
         while True:
-            samples = scrape(settings.web_port)
+            samples = scrape_all(ports)
             if total(samples, "journey_events_total") >= events and written(samples):
                 break
-            if child.poll() is not None:
-                raise RuntimeError(f"the worker exited with {child.returncode}:\n{_tail(log)}")
+            check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"the worker counted {total(samples, 'journey_events_total'):.0f} of {events}"
+                    f"the workers counted {total(samples, 'journey_events_total'):.0f} of {events}"
                 )
             time.sleep(SCRAPE_EVERY_S)
         done_at = time.time()
-        cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+        cpu_after = cpu_now()
+        cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_after}
         cpu["window_s"] = done_at - moving_at
         parts = None
         if spy is not None:
@@ -497,14 +548,14 @@ def worker(
         with console.status("reading Redis…"):
             state = redis_facts(redis_service.url, redis_used_before)
         latency = None
-        if latency_seconds > 0:
+        if latency_seconds > 0 and workers == 1:
             rate = events / max(done_at - moving_at, 1e-9) / 2
             with console.status(f"latency: {rate:,.0f} events/s for {latency_seconds:.0f}s…"):
                 latency = asyncio.run(
                     steady(
                         kafka.url,
                         redis_service.url,
-                        settings.web_port,
+                        ports[0],
                         rate,
                         latency_seconds,
                         envelope,
@@ -518,8 +569,12 @@ def worker(
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
-        _stop(child, 60)
-    contender = Contender("journey worker (validate, Redis, ClickHouse, metrics)", events, 0.0)
+        for child in children:
+            _stop(child, 60)
+    name = "journey worker (validate, Redis, ClickHouse, metrics)"
+    if workers > 1:
+        name = f"{workers} × journey worker (validate, Redis, ClickHouse, metrics)"
+    contender = Contender(name, events, 0.0)
     return WorkerRun(contender, done_at, samples, cpu, parts, state, latency)
 
 
@@ -717,15 +772,15 @@ def _py_spy() -> str:
 # --- after the worker: what ClickHouse and Redis hold ------------------------------------
 
 
-def clickhouse_facts(chdb_dir: Path, until: float) -> dict[str, Any]:
-    """Opened here only after the worker stopped: chDB allows one process per directory.
+def clickhouse_facts(dsn: str, until: float) -> dict[str, Any]:
+    """Read after the worker stopped: a ``chdb://`` directory admits one process at a time.
 
     Rows and times are of the batches stamped up to ``until`` (the end of the
     throughput run, before any latency traffic); bytes are of everything stored.
     """
     import clickhouse_connect
 
-    client = clickhouse_connect.get_client(dsn=f"chdb://{chdb_dir}")
+    client = clickhouse_connect.get_client(dsn=dsn)
     rows, distinct, first_ms, last_ms = client.query(
         "SELECT count(), uniqExact(event_id), toUnixTimestamp64Milli(min(received_at)), "
         "toUnixTimestamp64Milli(max(received_at)) FROM journey.events "
@@ -832,12 +887,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip", action="append", default=[], choices=("peer", "naive"))
     parser.add_argument("--profile", action="store_true", help="py-spy the worker")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the partitions (above 1: needs --clickhouse http; "
+        "no latency phase)",
+    )
+    parser.add_argument(
+        "--clickhouse",
+        choices=("http", "chdb"),
+        default="http",
+        help="http (default): the worker inserts over HTTP into chDB in a process of its own "
+        "(bench/clickhouse_http.py), as into a ClickHouse server; chdb: chDB inside the "
+        "worker, as `journey up` runs it",
+    )
+    parser.add_argument(
         "--latency-seconds",
         type=float,
         default=30.0,
         help="after the worker's run: live traffic at half its rate this long (0: skip)",
     )
     args = parser.parse_args(argv)
+    if args.workers > 1 and args.clickhouse != "http":
+        parser.error("--workers above 1 needs --clickhouse http: chDB admits one process")
     command = COMMAND + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
 
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
@@ -850,6 +922,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             services.append(kafka)
             redis_service = start_redis(data_dir=work / "redis", appendonly=True)
             services.append(redis_service)
+            clickhouse = None
+            if args.clickhouse == "http":
+                clickhouse = clickhouse_http.start(work / "chdb", work)
+                services.append(clickhouse)
             create_topics(
                 kafka.url,
                 {
@@ -898,9 +974,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.latency_seconds,
                 used_before,
                 args.envelope,
+                clickhouse,
+                args.workers,
             )
         with console.status("reading ClickHouse…"):
-            ch = clickhouse_facts(work / "chdb", run.done_at)
+            dsn = clickhouse.url if clickhouse is not None else f"chdb://{work / 'chdb'}"
+            ch = clickhouse_facts(dsn, run.done_at)
         state = run.redis
         seconds = run.done_at - ch["first_received_at"]
         samples = run.samples
@@ -960,8 +1039,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     table = Table(
         title=f"{args.events:,} simulator events (up to {args.envelope} per message), "
-        f"{args.partitions} partitions, "
-        f"Tansu + redis-server + chDB ({os.cpu_count()} cores)"
+        f"{args.partitions} partitions, {args.workers} worker process(es), "
+        f"Tansu + redis-server + chDB "
+        f"({'over HTTP' if args.clickhouse == 'http' else 'in the worker'}, "
+        f"{os.cpu_count()} cores)"
     )
     for column in ("contender", "events", "seconds", "events/s", "worker ×"):
         table.add_column(column, justify="left" if column == "contender" else "right")
@@ -1077,7 +1158,8 @@ def _per_event(
     run: WorkerRun, samples: Mapping[str, list[tuple[dict[str, str], float]]], events: int
 ) -> dict[str, Any]:
     window = run.cpu["window_s"]
-    cpu_us = {name: run.cpu[name] / events * 1e6 for name in ("worker", "tansu", "redis")}
+    names = [n for n in ("worker", "tansu", "redis", "clickhouse") if n in run.cpu]
+    cpu_us = {name: run.cpu[name] / events * 1e6 for name in names}
     batch_us = {
         step: total(samples, "journey_batch_duration_seconds_sum", step=step) / events * 1e6
         for step in ("decode", "redis", "clickhouse", "total")
@@ -1085,7 +1167,7 @@ def _per_event(
     batches = total(samples, "journey_batch_size_count")
     return {
         "cpu_us": cpu_us,
-        "cores_busy": {name: run.cpu[name] / window for name in ("worker", "tansu", "redis")},
+        "cores_busy": {name: run.cpu[name] / window for name in names},
         "batch_us": batch_us,
         "batches": batches,
         "mean_batch": total(samples, "journey_batch_size_sum") / batches if batches else 0.0,
