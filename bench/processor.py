@@ -5,6 +5,7 @@ Reproduce (from the project root):
     .venv/bin/python bench/processor.py                    # 100,000 events
     .venv/bin/python bench/processor.py --profile out.prof # + cProfile, sorted by own time
     .venv/bin/python bench/processor.py --discard-rows     # rows encoded, not inserted
+    .venv/bin/python bench/processor.py --clickhouse http  # chDB over HTTP, its own process
 
 It starts redis-server (AOF on, as in production) and a chDB directory of its
 own, packs simulator events into envelopes as `journey send` does, and hands
@@ -37,6 +38,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import clickhouse_http
 from bench.throughput import cpu_seconds
 from pipeline.embedded import start_redis
 from pipeline.envelope import Outgoing, Packer
@@ -90,8 +92,11 @@ async def run(args: argparse.Namespace, work: Path) -> None:
     journeys = default_journeys()
     metrics = Metrics(lambda: iter(()))
     store = RedisStore(redis_service.url, 7 * 24 * 3600)
-    sink_type = DiscardingSink if args.discard_rows else ClickHouseSink
-    sink = sink_type(f"chdb://{work / 'chdb'}")
+    clickhouse = None
+    if args.clickhouse == "http":
+        clickhouse = clickhouse_http.start(work / "chdb", work)
+    dsn = clickhouse.url if clickhouse is not None else f"chdb://{work / 'chdb'}"
+    sink = (DiscardingSink if args.discard_rows else ClickHouseSink)(dsn)
     await sink.start()
     processor = BatchProcessor(Validator(), journeys, store, sink, metrics)
     # As the agent takes them: up to 1,000 messages a batch, partitions interleaved.
@@ -130,15 +135,19 @@ async def run(args: argparse.Namespace, work: Path) -> None:
     await sink.close()
     await store.close()
     redis_service.stop()
+    if clickhouse is not None:
+        clickhouse.stop()
     print(f"{accepted:,} events in {len(data):,} messages, {len(batches)} take batches")
     rate = accepted / seconds
     print(
         f"{rate:,.0f} events/s in {seconds:.1f}s; baseline (decode and validate only) "
         f"{decode_rate:,.0f} events/s; processor/baseline {rate / decode_rate:.3f}"
     )
+    rows = "chDB included" if clickhouse is None else "chDB in its own process"
+    if args.discard_rows:
+        rows = "rows dropped"
     print(
-        f"CPU per event: this process {cpu / accepted * 1e6:.0f} µs (all threads, "
-        f"{'rows dropped' if args.discard_rows else 'chDB included'}), "
+        f"CPU per event: this process {cpu / accepted * 1e6:.0f} µs (all threads, {rows}), "
         f"redis-server {redis_used / accepted * 1e6:.0f} µs"
     )
     if profiler is not None:
@@ -146,7 +155,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         stats = pstats.Stats(profiler)
         stats.sort_stats("tottime").print_stats(40)
     discard = " --discard-rows" if args.discard_rows else ""
-    print(f"reproduce: {COMMAND} --events {args.events}{discard}")
+    print(f"reproduce: {COMMAND} --events {args.events} --clickhouse {args.clickhouse}{discard}")
 
 
 def main() -> None:
@@ -157,6 +166,12 @@ def main() -> None:
     parser.add_argument("--take", type=int, default=1000, help="messages per take batch")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--profile", help="write a cProfile here and print its top")
+    parser.add_argument(
+        "--clickhouse",
+        choices=("chdb", "http"),
+        default="chdb",
+        help="chdb: in this process, as in `journey up`; http: bench/clickhouse_http.py",
+    )
     parser.add_argument(
         "--discard-rows",
         action="store_true",
