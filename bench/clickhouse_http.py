@@ -110,7 +110,7 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, body: bytes) -> None:
         url = urlsplit(self.path)
         if url.path in ("/ping", "/"):
-            params = parse_qs(url.query)
+            params = parse_qs(url.query, keep_blank_values=True)
             if url.path == "/ping" or not (params.get("query") or body):
                 self._send(200, b"Ok.\n")
                 return

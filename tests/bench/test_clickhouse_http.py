@@ -88,6 +88,12 @@ def test_the_worker_sink_migrates_inserts_and_reads_through_it(tmp_path: Path) -
             parameters={"who": "c-1"},
         )
         assert picked.result_rows == [(1,)]
+        every = client.query(  # an empty value is a value (report.py's "every channel")
+            "SELECT count() FROM journey.transitions "
+            "WHERE {who:String} = '' OR customer = {who:String}",
+            parameters={"who": ""},
+        )
+        assert every.result_rows == [(3,)]
         with pytest.raises(DatabaseError, match="Code: 47"):
             client.query("SELECT no_such_column FROM journey.transitions")
         assert client.query("SELECT count() FROM journey.transitions").result_rows == [(3,)]
