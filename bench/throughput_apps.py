@@ -84,7 +84,7 @@ def run_peer(
     seen = {"count": 0, "accepted": 0, "transitions": 0}
     started: list[float] = []
 
-    def assign(raw: bytes | dict[str, Any], state: State) -> None:
+    def assign(raw: bytes | dict[str, Any], state: State[str, Any]) -> None:
         if not started:
             started.append(time.perf_counter())
         seen["count"] += 1

@@ -192,7 +192,7 @@ def msgspec_checks() -> tuple[Check, Callable[[bytes], bool]] | None:
     value = Annotated[str, Meta(max_length=1024)] | int | float | bool | None
     props_t = Annotated[dict[id_, value], Meta(max_length=64)]
 
-    class MsEvent(Struct, forbid_unknown_fields=True):
+    class MsEvent(Struct, forbid_unknown_fields=True):  # type: ignore[call-arg,misc,unused-ignore]
         event_id: id_
         occurred_at: Annotated[str, Meta(pattern=_OCCURRED)]
         channel: str
