@@ -52,7 +52,7 @@ from pipeline.metrics import Metrics
 from pipeline.processor import BatchProcessor, RawMessage
 from pipeline.settings import EVENTS_TOPIC
 from pipeline.simulate import generate, key_of
-from pipeline.state.redis_store import RedisStore
+from pipeline.state.redis_store import RedisStore, deadlines_key
 
 COMMAND = ".venv/bin/python bench/state_size.py"
 RESULTS = Path(__file__).resolve().parent / "results" / "state_size.json"
@@ -67,7 +67,7 @@ def deadline_facts(url: str) -> dict[str, int]:
     """Exact bytes and entries of the per-partition deadline sorted sets."""
     client = redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match="jt:deadlines:*", count=1000))
+        keys = [deadlines_key(p) for p in range(PARTITIONS)]
         return {
             "bytes": sum(client.memory_usage(k, samples=0) or 0 for k in keys),
             "entries": sum(int(client.zcard(k)) for k in keys),
